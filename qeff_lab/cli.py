@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -72,20 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
     p.add_argument("texts", nargs="+")
-    for register in PARSER_EXTRAS:
-        register(sub)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
 COMMANDS = {"setup-models": cmd_setup_models, "demo": cmd_demo, "embed": cmd_embed}
-PARSER_EXTRAS: list = []  # functions(subparsers) adding more commands (and their COMMANDS entries)
-DEMO_EXTRAS: list = []  # more demo sections, run after the encoder's
+# More commands live in their own modules; each has register(subparsers), which adds its parsers and
+# sets `func` on them with set_defaults(func=...).
+COMMAND_MODULES: list[str] = []
+DEMO_EXTRAS: list = []  # more demo sections (functions of no argument), run after the encoder's
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        func = getattr(args, "func", None) or COMMANDS[args.command]
+        return func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"qeff-lab {args.command}: error: {e}", file=sys.stderr)
         return 2

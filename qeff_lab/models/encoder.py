@@ -163,6 +163,16 @@ class QEFFAutoModel(QEFFBaseModel):
         return self._session
 
     # ------------------------------------------------------------------ run
+    def _pick_seq_len(self, length: int) -> int:
+        """The smallest compiled seq_len that holds `length` tokens."""
+        fits = [s for s in self.seq_lens if s >= length]
+        if not fits:
+            raise SeqLenTooLongError(
+                f"Input has {length} tokens but the largest compiled seq_len is {max(self.seq_lens)}. "
+                f"Compile with a larger one, e.g. model.compile(seq_len={self.seq_lens + [_next_pow2(length)]}), "
+                "or truncate the input (tokenizer(..., truncation=True, max_length=...)).")
+        return fits[0]
+
     def generate(self, inputs, runtime: str | None = None) -> dict[str, np.ndarray]:
         """Run tokenized `inputs` (input_ids, attention_mask) on the compiled graph.
 
@@ -176,13 +186,7 @@ class QEFFAutoModel(QEFFBaseModel):
         if ids.shape[0] == 0:
             raise ValueError("generate() got an empty batch.")
         length = int(mask.sum(1).max()) if mask.any() else ids.shape[1]
-        fits = [s for s in self.seq_lens if s >= length]
-        if not fits:
-            raise SeqLenTooLongError(
-                f"Input has {length} tokens but the largest compiled seq_len is {max(self.seq_lens)}. "
-                f"Compile with a larger one, e.g. model.compile(seq_len={self.seq_lens + [_next_pow2(length)]}), "
-                "or truncate the input (tokenizer(..., truncation=True, max_length=...)).")
-        seq = fits[0]
+        seq = self._pick_seq_len(length)
         ids, mask = _pad_to(ids[:, :length], seq), _pad_to(mask[:, :length], seq)
         bs = self.compile_result.specializations[0]["batch_size"]
         outs = []

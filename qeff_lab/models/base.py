@@ -69,3 +69,15 @@ class QEFFBaseModel:
         from qeff_lab.views import render_steps
 
         return render_steps(self)
+
+    def report(self, path: str = "report.html", title: str | None = None):
+        """Write a self-contained HTML report of every step so far (tables, plots, findings; opens offline)."""
+        from qeff_lab.views.report import write_report
+
+        return write_report(self, path, title=title)
+
+    def dashboard(self):
+        """The pipeline dashboard widget: each step's status, time and summary; click one to open its view."""
+        from qeff_lab.views.dashboard import dashboard
+
+        return dashboard(self)

@@ -8,7 +8,8 @@ import pandas as pd
 
 # One palette for every view: the same colour always means the same thing.
 COLORS = {"done": "#2e7d32", "reused": "#1565c0", "failed": "#c62828", "skipped": "#757575",
-          "overflow": "#c62828", "underflow": "#ef6c00", "headroom": "#2e7d32"}
+          "overflow": "#c62828", "underflow": "#ef6c00", "headroom": "#2e7d32",
+          "running": "#f9a825", "pending": "#bdbdbd", "info": "#1565c0", "muted": "#757575"}
 TABLE_STYLE = ("border-collapse:collapse;font-family:ui-monospace,monospace;font-size:12px;"
                "margin:4px 0")
 CELL_STYLE = "border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top"

@@ -1,0 +1,163 @@
+"""Read an exported ONNX graph into plain data for views: op counts, inputs/outputs with shapes, a weightless copy."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import onnx
+import pandas as pd
+
+RAW_OP_COUNTS = "raw_op_counts.json"  # written beside model.onnx by an export that records its graph before passes
+
+
+@dataclass
+class TensorInfo:
+    """A graph input or output: name, element type, shape (ints for fixed dims, names for dynamic ones)."""
+
+    kind: str  # "input" | "output"
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+    @property
+    def shape_text(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
+
+@dataclass
+class GraphReport:
+    """What a graph holds, as plain data. `op_counts_before` is the graph before the ONNX passes, when known."""
+
+    path: Path
+    op_counts: dict[str, int]
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    initializers: int
+    weight_bytes: int
+    functions: list[str] = field(default_factory=list)
+    opsets: dict[str, int] = field(default_factory=dict)
+    op_counts_before: dict[str, int] | None = None
+    passes: list = field(default_factory=list)  # TransformResults of the ONNX passes, when known
+
+    @property
+    def nodes(self) -> int:
+        return sum(self.op_counts.values())
+
+    def op_frame(self) -> pd.DataFrame:
+        """One row per op type: count before and after the passes (before is blank when unknown), sorted by count."""
+        return op_count_table(self.op_counts_before, self.op_counts)
+
+    def io_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{"kind": t.kind, "name": t.name, "dtype": t.dtype, "shape": t.shape_text}
+                             for t in self.inputs + self.outputs], columns=["kind", "name", "dtype", "shape"])
+
+    def __repr__(self) -> str:
+        return (f"<GraphReport {self.path.name}: {self.nodes} nodes, {len(self.op_counts)} op types, "
+                f"{len(self.inputs)} inputs, {len(self.outputs)} outputs>")
+
+
+def op_key(node: onnx.NodeProto) -> str:
+    """`Op` for the default domain, `domain::Op` for the others (custom ops stay visible as such)."""
+    return f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes of the main graph by op type (a custom-op call counts once; function bodies are listed apart)."""
+    return dict(Counter(op_key(n) for n in model.graph.node))
+
+
+def _shape(value: onnx.ValueInfoProto) -> list[int | str]:
+    t = value.type.tensor_type
+    if not t.HasField("shape"):
+        return ["?"]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+
+
+def _dtype(value: onnx.ValueInfoProto) -> str:
+    return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name \
+        if value.type.tensor_type.elem_type else "?"
+
+
+def op_count_table(before: dict[str, int] | None, after: dict[str, int]) -> pd.DataFrame:
+    """Op types with their counts before and after; `change` is after - before (blank when before is unknown)."""
+    names = sorted(set(after) | set(before or {}), key=lambda k: (-after.get(k, 0), k))
+    rows = []
+    for name in names:
+        a = after.get(name, 0)
+        if before is None:
+            rows.append({"op": name, "before passes": "", "after passes": a, "change": ""})
+        else:
+            b = before.get(name, 0)
+            rows.append({"op": name, "before passes": b, "after passes": a,
+                         "change": f"{a - b:+d}" if a != b else ""})
+    return pd.DataFrame(rows, columns=["op", "before passes", "after passes", "change"])
+
+
+def graph_report(source, passes: list | None = None) -> GraphReport:
+    """Build a GraphReport from an ExportResult, a model with `export_result`, or a path to an .onnx file.
+
+    Weights are not read (external data stays on disk), so this is quick even for large graphs."""
+    export_result = source
+    if hasattr(source, "export_result"):  # a QEFF model
+        export_result = source.export_result
+        if export_result is None:
+            raise ValueError(f"{type(source).__name__} has not been exported yet: call model.export() "
+                             "(or model.compile(...), which exports first), then look at the graph.")
+    if passes is None:
+        passes = list(getattr(export_result, "passes", []) or [])
+    path = Path(getattr(export_result, "path", export_result))
+    if not path.is_file():
+        raise FileNotFoundError(f"No ONNX file at {path}: export the model first (model.export()).")
+    stat = path.stat()
+    report = _graph_report_cached(str(path), stat.st_mtime_ns, stat.st_size)
+    return GraphReport(**{**vars(report), "passes": passes})
+
+
+@lru_cache(maxsize=8)
+def _graph_report_cached(path: str, mtime_ns: int, size: int) -> GraphReport:
+    p = Path(path)
+    model = onnx.load(path, load_external_data=False)
+    g = model.graph
+    init_names = {i.name for i in g.initializer}
+    weight_bytes = 0
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        weight_bytes += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    before = None
+    raw = p.parent / RAW_OP_COUNTS
+    if raw.is_file():
+        before = json.loads(raw.read_text())
+    return GraphReport(
+        path=p,
+        op_counts=op_counts(model),
+        inputs=[TensorInfo("input", v.name, _dtype(v), _shape(v)) for v in g.input if v.name not in init_names],
+        outputs=[TensorInfo("output", v.name, _dtype(v), _shape(v)) for v in g.output],
+        initializers=len(g.initializer),
+        weight_bytes=weight_bytes,
+        functions=[f"{f.domain}::{f.name}" for f in model.functions],
+        opsets={o.domain or "ai.onnx": o.version for o in model.opset_import},
+        op_counts_before=before,
+    )
+
+
+def weightless_copy(path: Path, dest: Path) -> Path:
+    """Write the graph of `path` with every initializer's data dropped (names, types and shapes kept) to `dest`.
+
+    For looking at structure in a browser: netron then loads kilobytes instead of the whole model."""
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        t.ClearField("raw_data")
+        for f in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            t.ClearField(f)
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    onnx.save_model(model, str(tmp))
+    tmp.replace(dest)
+    return dest

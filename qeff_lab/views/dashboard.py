@@ -1,0 +1,278 @@
+"""Pipeline dashboard: one row per step (status, duration, summary), click a step to open its view, live progress."""
+from __future__ import annotations
+
+import html
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import ipywidgets as widgets
+import pandas as pd
+
+from qeff_lab.views.tables import COLORS, _badge, _details_html
+
+# The stages a model goes through, in order. A stage counts as run when any of its step names is in model.steps;
+# the ones not run yet are listed after the recorded steps, greyed out.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("load", ("load",)),
+    ("analyze", ("analyze", "profile", "precision")),
+    ("transform", ("transform", "transforms", "fixes")),
+    ("export", ("export",)),
+    ("compile", ("compile",)),
+    ("run", ("generate", "run", "execute", "infer", "embed")),
+    ("compare", ("compare", "accuracy", "ladder", "parity")),
+]
+PASSES_ROW = "onnx passes"  # shown under "export", from the export step's own report
+
+# step name (or kind of details) -> a function building that step's view widget; other owners may register theirs.
+STEP_VIEWS: dict[str, Callable[[Any], widgets.Widget]] = {}
+
+
+def register_step_view(step: str):
+    """Decorator: `@register_step_view("analyze") def view(report) -> widget` makes the dashboard open it."""
+    def deco(fn):
+        STEP_VIEWS[step] = fn
+        return fn
+    return deco
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.2f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:04.1f}s"
+
+
+def pending_stages(steps: dict) -> list[str]:
+    """The canonical stages none of whose step names has been recorded yet."""
+    return [stage for stage, names in STAGES if not any(n in steps for n in names)]
+
+
+def step_detail_html(report) -> str:
+    """The HTML for one step's details: the object's own _repr_html_ when it has one, else the shared renderers."""
+    details = report.details
+    head = (f"<div class='qeff-step-head'><b>{html.escape(report.step)}</b> {_badge(report.status)} "
+            f"{_fmt_seconds(report.seconds)} — {html.escape(report.summary)}</div>")
+    if hasattr(details, "_repr_html_") and not isinstance(details, (pd.DataFrame, dict, list)):
+        try:
+            return head + details._repr_html_()
+        except Exception as exc:  # a view must not break the dashboard; say what failed instead
+            return head + f"<pre>could not draw {type(details).__name__}: {html.escape(str(exc))}</pre>"
+    return head + _details_html(details)
+
+
+def default_step_view(report) -> widgets.Widget:
+    view = widgets.HTML(step_detail_html(report))
+    view.add_class("qeff-step-view")
+    return view
+
+
+def export_step_view(report) -> widgets.Widget:
+    """The export step opens the graph view (tables at once; netron on request, it starts a server)."""
+    from qeff_lab.views.graph import graph_view
+
+    path = getattr(report.details, "path", None)
+    if path is None or not path.is_file():
+        return default_step_view(report)
+    return widgets.VBox([default_step_view(report), graph_view(report.details, netron=False)])
+
+
+STEP_VIEWS["export"] = export_step_view
+
+
+def passes_step_view(report) -> widgets.Widget:
+    from qeff_lab.views.tables import render_transform
+
+    passes = getattr(report.details, "passes", []) or []
+    return widgets.HTML("<div><b>ONNX passes</b> (part of export)</div>" + "".join(render_transform(p) for p in passes))
+
+
+class _Running:
+    """The state of a step being run under the dashboard: elapsed time ticks, progress when the step reports it."""
+
+    def __init__(self, step: str):
+        self.step = step
+        self.start = time.perf_counter()
+        self.fraction: float | None = None
+        self.note = ""
+
+    def update(self, fraction: float | None = None, note: str = "") -> None:
+        """Report progress from inside the step: `fraction` in [0, 1] (None: unknown), and a short note."""
+        self.fraction = None if fraction is None else min(max(float(fraction), 0.0), 1.0)
+        self.note = note
+
+
+class Dashboard(widgets.VBox):
+    """The pipeline of one model at a glance.
+
+    One row per recorded step (status badge, duration, one-line summary) plus the stages still to come; click a
+    step's button to open its view below. `with dash.watch("compile"): model.compile(...)` (or
+    `dash.run("compile", model.compile, ...)`) shows the step as running, with elapsed time and progress, while it
+    works, and refreshes from `model.steps` when it ends. `refresh()` redraws after steps run elsewhere.
+    """
+
+    def __init__(self, model, tick: float = 0.5):
+        self.model = model
+        self.tick = tick
+        self.selected: str | None = None
+        self.running: _Running | None = None
+        self.buttons: dict[str, widgets.Button] = {}
+        self.header = widgets.HTML()
+        self.table = widgets.GridBox(layout=widgets.Layout(
+            grid_template_columns="150px 80px 70px 1fr", grid_gap="2px 8px", align_items="center"))
+        self.table.add_class("qeff-dashboard-steps")
+        self.progress = widgets.FloatProgress(min=0.0, max=1.0, value=0.0, bar_style="info",
+                                              layout=widgets.Layout(width="100%", visibility="hidden"))
+        self.detail = widgets.VBox()
+        self.detail.add_class("qeff-dashboard-detail")
+        self._ticker: threading.Thread | None = None
+        self._stop_tick = threading.Event()
+        self.add_class("qeff-dashboard")
+        super().__init__(children=[self.header, self.table, self.progress, self.detail])
+        self.refresh()
+
+    # ------------------------------------------------------------------ rows
+    def _rows(self) -> list[tuple[str, str, float | None, str]]:
+        """(name, status, seconds, summary) for every row, in display order."""
+        steps = self.model.steps
+        stage_of = {n: i for i, (_, names) in enumerate(STAGES) for n in names}
+        running = self.running.step if self.running is not None else None
+        waiting = [(stage_of[names[0]], stage) for stage, names in STAGES
+                   if stage in pending_stages(steps) and running not in names]
+        rows = []
+        for name, r in steps.items():
+            while waiting and name in stage_of and waiting[0][0] < stage_of[name]:
+                rows.append((waiting.pop(0)[1], "pending", None, "not run yet"))
+            rows.append((name, r.status, r.seconds, r.summary))
+            if name == "export" and getattr(r.details, "passes", None) is not None:
+                passes = r.details.passes
+                n = sum(len(p.changes) for p in passes)
+                rows.append((PASSES_ROW, r.status, None,
+                             f"{len(passes)} pass(es), {n} change(s): " + "; ".join(p.summary() for p in passes)))
+        if running is not None and running not in steps:
+            while waiting and running in stage_of and waiting[0][0] < stage_of[running]:
+                rows.append((waiting.pop(0)[1], "pending", None, "not run yet"))
+            rows.append((running, "running", None, "…"))
+        rows += [(stage, "pending", None, "not run yet") for _, stage in waiting]
+        return rows
+
+    def refresh(self) -> None:
+        cells: list[widgets.Widget] = []
+        self.buttons = {}
+        for name, status, seconds, summary in self._rows():
+            if self.running is not None and name == self.running.step:
+                status, seconds = "running", time.perf_counter() - self.running.start
+                summary = self.running.note or "running…"
+            button = widgets.Button(description=name, tooltip=f"open the {name} view",
+                                    disabled=status in ("pending", "running"),
+                                    layout=widgets.Layout(width="145px"))
+            if name == PASSES_ROW:
+                button.description = "└ " + name
+            button.style.button_color = "#e3f2fd" if name == self.selected else None
+            button.on_click(lambda _b, n=name: self.select(n))
+            button.add_class("qeff-step-button")
+            self.buttons[name] = button
+            colour = COLORS["muted"] if status == "pending" else "inherit"
+            cells += [button, widgets.HTML(_badge(status)),
+                      widgets.HTML(f"<span style='font-family:ui-monospace,monospace'>{_fmt_seconds(seconds)}</span>"),
+                      widgets.HTML(f"<span style='color:{colour}'>{html.escape(summary)}</span>")]
+        self.table.children = cells
+        done = sum(1 for r in self.model.steps.values() if r.status in ("done", "reused"))
+        total = sum(r.seconds for r in self.model.steps.values())
+        self.header.value = (f"<div style='font-size:14px'><b>{html.escape(type(self.model).__name__)}</b> "
+                             f"{html.escape(self.model.model_name)} — {done} step(s) done, {_fmt_seconds(total)} "
+                             f"in all. Click a step to see it.</div>")
+
+    # ------------------------------------------------------------------ views
+    def view_for(self, name: str) -> widgets.Widget:
+        """The widget a click on `name` opens (built from its report only)."""
+        if name == PASSES_ROW:
+            return passes_step_view(self.model.steps["export"])
+        if name not in self.model.steps:
+            raise KeyError(f"No step {name!r} recorded yet; recorded: {', '.join(self.model.steps) or 'none'}.")
+        report = self.model.steps[name]
+        return STEP_VIEWS.get(name, default_step_view)(report)
+
+    def select(self, name: str) -> None:
+        self.selected = name
+        self.detail.children = [self.view_for(name)]
+        for n, b in self.buttons.items():
+            b.style.button_color = "#e3f2fd" if n == name else None
+
+    # ------------------------------------------------------------------ running steps
+    def _tick_loop(self) -> None:
+        while not self._stop_tick.wait(self.tick):
+            self._show_running()
+
+    def _show_running(self) -> None:
+        r = self.running
+        if r is None:
+            return
+        self.progress.layout.visibility = "visible"
+        if r.fraction is None:  # unknown length: a bar that sweeps, so the user sees it is alive
+            self.progress.value = ((time.perf_counter() - r.start) / 4.0) % 1.0
+            self.progress.description = ""
+        else:
+            self.progress.value = r.fraction
+            self.progress.description = f"{r.fraction:.0%}"
+        cells = self.table.children
+        names = list(self.buttons)
+        if r.step in names:
+            i = names.index(r.step) * 4
+            cells[i + 2].value = (f"<span style='font-family:ui-monospace,monospace'>"
+                                  f"{_fmt_seconds(time.perf_counter() - r.start)}</span>")
+            cells[i + 3].value = html.escape(r.note or "running…")
+
+    @contextmanager
+    def watch(self, step: str) -> Iterator[_Running]:
+        """Show `step` as running (elapsed time, progress) while the body runs; refresh from the reports after.
+
+        The body may call `progress.update(fraction, note)` on the value it gets. On an error the row shows the
+        error and the exception propagates."""
+        if self.running is not None:
+            raise RuntimeError(f"The dashboard is already watching {self.running.step!r}.")
+        self.running = _Running(step)
+        self.refresh()
+        self._show_running()
+        self._stop_tick.clear()
+        self._ticker = threading.Thread(target=self._tick_loop, name="qeff-dashboard-tick", daemon=True)
+        self._ticker.start()
+        failed: BaseException | None = None
+        try:
+            yield self.running
+        except BaseException as exc:
+            failed = exc
+            raise
+        finally:
+            self._stop_tick.set()
+            self._ticker.join()
+            self._ticker = None
+            self.running = None
+            self.progress.layout.visibility = "hidden"
+            self.progress.value = 0.0
+            self.refresh()
+            if failed is not None and step not in self.model.steps:
+                self._show_failure(step, failed)
+
+    def _show_failure(self, step: str, exc: BaseException) -> None:
+        self.table.children = list(self.table.children) + [
+            widgets.Button(description=step, disabled=True, layout=widgets.Layout(width="145px")),
+            widgets.HTML(_badge("failed")), widgets.HTML(""),
+            widgets.HTML(f"<span style='color:{COLORS['failed']}'>{html.escape(type(exc).__name__)}: "
+                         f"{html.escape(str(exc))}</span>")]
+
+    def run(self, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` shown as `step` while it runs; returns what fn returns."""
+        with self.watch(step):
+            return fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        steps = ", ".join(f"{n} {r.status}" for n, r in self.model.steps.items()) or "no steps"
+        return f"<Dashboard {self.model.model_name}: {steps}>"
+
+
+def dashboard(model) -> Dashboard:
+    """The pipeline dashboard of a QEFF model (see Dashboard)."""
+    if not hasattr(model, "steps"):
+        raise TypeError(f"dashboard() needs a QEFF model with a `steps` record, got {type(model).__name__}.")
+    return Dashboard(model)

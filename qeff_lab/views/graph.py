@@ -1,0 +1,231 @@
+"""Graph view of an exported ONNX file: netron embedded in the notebook, op counts before/after the passes, I/O shapes."""
+from __future__ import annotations
+
+import atexit
+import html
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import ipywidgets as widgets
+
+from qeff_lab.onnx.inspect import GraphReport, graph_report, weightless_copy
+from qeff_lab.views.tables import COLORS, html_table
+
+WEIGHTLESS_ABOVE = 32 << 20  # serve netron a weights-free copy of graphs larger than this (browsers choke on GBs)
+_servers: "set[NetronServer]" = set()
+_lock = threading.Lock()
+
+
+def _quiet_netron_logger() -> None:
+    logging.getLogger("netron").setLevel(logging.WARNING)
+
+
+@contextmanager
+def _no_root_basic_config():
+    """netron.serve() calls logging.basicConfig(INFO) when the root logger has no handler, which would make every
+    library's INFO messages appear in the notebook. A NullHandler for the duration of the call prevents that."""
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
+
+
+def proxy_prefix() -> str | None:
+    """The JupyterHub/Binder URL prefix (jupyter-server-proxy serves /proxy/<port>/ under it), or None when local."""
+    return os.environ.get("JUPYTERHUB_SERVICE_PREFIX")
+
+
+class NetronServer:
+    """netron serving one ONNX file on a free loopback port, in this process (a thread).
+
+    `url` is what the browser should load: `http://127.0.0.1:<port>/` when the browser runs on this machine, or
+    `<JUPYTERHUB_SERVICE_PREFIX>proxy/<port>/` behind jupyter-server-proxy (Binder, JupyterHub).
+    `stop()` ends it; every server still running is stopped when the kernel exits.
+    """
+
+    def __init__(self, path: str | Path, weightless: bool | None = None, scratch: Path | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"No ONNX file at {self.path}: export the model first (model.export()).")
+        if weightless is None:
+            weightless = self.path.stat().st_size > WEIGHTLESS_ABOVE or self.path.with_name(
+                self.path.name + ".data").exists()
+        self.weightless = weightless
+        self._scratch = scratch
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def served_path(self) -> Path:
+        if not self.weightless:
+            return self.path
+        from qeff_lab.pipeline import cache_root
+
+        base = self._scratch or cache_root() / "netron"
+        return base / f"{self.path.parent.name}-{self.path.stem}-weightless.onnx"
+
+    def start(self) -> "NetronServer":
+        import netron
+
+        if self.running:
+            return self
+        _quiet_netron_logger()
+        served = self.served_path
+        if self.weightless and not (served.is_file() and served.stat().st_mtime_ns >= self.path.stat().st_mtime_ns):
+            weightless_copy(self.path, served)
+        with _no_root_basic_config():
+            self.address = netron.start(str(served), address=("127.0.0.1", 0), browse=False)
+        with _lock:
+            _servers.add(self)
+        return self
+
+    def stop(self) -> None:
+        import netron
+
+        if self.address is not None:
+            netron.stop(self.address)
+        with _lock:
+            _servers.discard(self)
+        self.address = None
+
+    @property
+    def running(self) -> bool:
+        import netron
+
+        return self.address is not None and netron.status(self.address)
+
+    @property
+    def port(self) -> int | None:
+        return self.address[1] if self.address else None
+
+    @property
+    def url(self) -> str:
+        if not self.running:
+            raise RuntimeError("netron is not running: call start() first.")
+        prefix = proxy_prefix()
+        if prefix is not None:
+            return f"{prefix.rstrip('/')}/proxy/{self.port}/"
+        return f"http://{self.address[0]}:{self.port}/"
+
+    def iframe_html(self, height: int = 520) -> str:
+        return (f"<iframe class='qeff-netron' src='{html.escape(self.url)}' title='netron: {html.escape(self.path.name)}' "
+                f"style='width:100%;height:{height}px;border:1px solid #ddd'></iframe>")
+
+    def __enter__(self) -> "NetronServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:  # no port: it changes every run
+        return f"<NetronServer {self.path.name}: {'running' if self.running else 'stopped'}>"
+
+
+def stop_all() -> int:
+    """Stop every netron server this process started; returns how many were running."""
+    with _lock:
+        servers = list(_servers)
+    for s in servers:
+        s.stop()
+    return len(servers)
+
+
+atexit.register(stop_all)
+
+
+# ----------------------------------------------------------------------------- HTML pieces (also used by report.py)
+def graph_header_html(report: GraphReport) -> str:
+    opsets = ", ".join(f"{d} {v}" for d, v in sorted(report.opsets.items()))
+    funcs = f"; functions: {', '.join(report.functions)}" if report.functions else ""
+    return (f"<div class='qeff-graph-head'><b>{html.escape(report.path.name)}</b> — {report.nodes} nodes, "
+            f"{len(report.op_counts)} op types, {report.initializers} initializers "
+            f"({report.weight_bytes / 2**20:.1f} MiB), opset {html.escape(opsets)}{html.escape(funcs)}</div>")
+
+
+def io_table_html(report: GraphReport) -> str:
+    return html_table(report.io_frame(), caption="inputs and outputs")
+
+
+def op_table_html(report: GraphReport, max_rows: int = 40) -> str:
+    frame = report.op_frame()
+    note = ""
+    if report.op_counts_before is None:
+        note = ("<div style='font-size:11px;color:%s'>counts before the passes were not recorded for this export "
+                "(it predates raw_op_counts.json); re-export to see them</div>" % COLORS["muted"])
+    elif frame["change"].eq("").all():
+        note = ("<div style='font-size:11px;color:%s'>the passes changed no node counts (they rewrite constants and "
+                "storage, not ops)</div>" % COLORS["muted"])
+    return html_table(frame, caption="op counts before / after the ONNX passes", max_rows=max_rows) + note
+
+
+def passes_html(report: GraphReport) -> str:
+    from qeff_lab.views.tables import render_transform
+
+    return "".join(render_transform(p) for p in report.passes)
+
+
+# ----------------------------------------------------------------------------- the widget
+class GraphView(widgets.VBox):
+    """netron (when started) beside the op-count and I/O tables. `stop()` ends its netron server."""
+
+    def __init__(self, report: GraphReport, netron: bool = True, height: int = 520):
+        self.report = report
+        self.server: NetronServer | None = None
+        self.height = height
+        self.frame = widgets.HTML(layout=widgets.Layout(width="62%"))
+        self.open_button = widgets.Button(description="Open in netron", icon="sitemap",
+                                          tooltip="Start netron for this graph (a local server in this kernel)")
+        self.stop_button = widgets.Button(description="Stop netron", icon="stop", disabled=True)
+        self.open_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        side = widgets.HTML(io_table_html(report) + op_table_html(report) + passes_html(report),
+                            layout=widgets.Layout(width="38%", max_height=f"{height + 40}px", overflow="auto"))
+        side.add_class("qeff-graph-tables")
+        self.add_class("qeff-graph-view")
+        super().__init__(children=[
+            widgets.HTML(graph_header_html(report)),
+            widgets.HBox([self.open_button, self.stop_button]),
+            widgets.HBox([self.frame, side]),
+        ])
+        self._show_stopped()
+        if netron:
+            self.start()
+
+    def _show_stopped(self) -> None:
+        self.frame.value = (f"<div style='color:{COLORS['muted']};padding:8px'>netron is not running — "
+                            "press <i>Open in netron</i> to browse the graph.</div>")
+
+    def start(self) -> None:
+        if self.server is None:
+            self.server = NetronServer(self.report.path)
+        self.server.start()
+        note = ""
+        if self.server.weightless:
+            note = (f"<div style='font-size:11px;color:{COLORS['muted']}'>structure only: weights left out of the copy "
+                    "netron shows, so the browser loads kilobytes, not the model</div>")
+        if proxy_prefix() is not None:
+            note += (f"<div style='font-size:11px;color:{COLORS['muted']}'>served through jupyter-server-proxy "
+                     "(JUPYTERHUB_SERVICE_PREFIX)</div>")
+        self.frame.value = self.server.iframe_html(self.height) + note
+        self.open_button.disabled, self.stop_button.disabled = True, False
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self._show_stopped()
+        self.open_button.disabled, self.stop_button.disabled = False, True
+
+    def __repr__(self) -> str:
+        state = "netron running" if self.server is not None and self.server.running else "netron stopped"
+        return f"<GraphView {self.report.path.name}: {self.report.nodes} nodes; {state}>"
+
+
+def graph_view(source, netron: bool = True, height: int = 520) -> GraphView:
+    """The graph view of a model (after export), an ExportResult, an .onnx path, or a GraphReport."""
+    report = source if isinstance(source, GraphReport) else graph_report(source)
+    return GraphView(report, netron=netron, height=height)

@@ -11,6 +11,7 @@ import torch
 
 import qeff_lab
 from qeff_lab.onnx.passes import clip_fp16, save_model
+from qeff_lab.onnx.inspect import RAW_OP_COUNTS, op_counts
 from qeff_lab.pipeline import TransformResult, build_artifact, cache_root, fingerprint
 
 OPSET = 17
@@ -71,6 +72,7 @@ def export_module(
         proto = onnx.load(str(raw))
         for f in tmp.iterdir():  # the raw export (and any external data it wrote) is replaced below
             f.unlink()
+        (tmp / RAW_OP_COUNTS).write_text(json.dumps(op_counts(proto)))  # the graph view's "before the passes"
         reports.append(clip_fp16(proto))
         reports.append(save_model(proto, tmp / ONNX_NAME, external=external_data))
         (tmp / PASSES_FILE).write_text(json.dumps([_report_to_json(r) for r in reports], indent=1))

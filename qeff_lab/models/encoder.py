@@ -8,10 +8,11 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from qeff_lab.compile import CompileResult, compile_graph
+from qeff_lab.compile import CompileResult, compile_graph, validate_options
 from qeff_lab.models.base import QEFFBaseModel, UnsupportedModelError, check_options, param_count
 from qeff_lab.onnx.export import ExportResult, export_module
 from qeff_lab.pipeline import StepReport, timed
+from qeff_lab.runtime import open_session
 from qeff_lab.runtime.session import OrtSession
 from qeff_lab.transforms.encoders import (
     SUPPORTED_ENCODER_TYPES,
@@ -130,8 +131,9 @@ class QEFFAutoModel(QEFFBaseModel):
     def compile(self, num_cores: int = 16, seq_len: int | list[int] = 32, batch_size: int = 1,
                 backend: str | None = None, **compiler_options: Any) -> Path:
         """Compile for each `seq_len` (one specialization each). backend None: qaic when the SDK is present,
-        else ONNX Runtime. Returns the compile folder."""
-        check_options(compiler_options, COMPILE_OPTIONS, "compile")
+        else ONNX Runtime. Returns the compile folder. Other options (mxfp6_matmul, num_devices, npi, mos,
+        dry_run, extra_flags, ...) are validated by qeff_lab.compile.options: an unknown one is an error."""
+        options = validate_options(compiler_options, where="compile")
         seq_lens = sorted({seq_len} if isinstance(seq_len, int) else set(seq_len))
         if not seq_lens or any(not isinstance(s, int) or s < 1 for s in seq_lens):
             raise ValueError(f"seq_len must be a positive int or a list of them, got {seq_len!r}")
@@ -142,7 +144,10 @@ class QEFFAutoModel(QEFFBaseModel):
         with timed() as elapsed:
             specs = [{"batch_size": batch_size, "seq_len": s} for s in seq_lens]
             result = compile_graph(self.export_result.path, specs, backend=backend, num_cores=num_cores,
-                                   mxfp6_matmul=bool(compiler_options.get("mxfp6_matmul", False)))
+                                   options=options, model_info={
+                                       "name": self.model_name, "class": type(self.model).__name__,
+                                       "config": self.model.config.to_dict(), "transforms": self.transforms_applied,
+                                       "pooling": pooling_key(self.pooling)})
         self.compile_result = result
         self._session = None
         self._record(StepReport("compile", "reused" if result.reused else "done", elapsed(),
@@ -153,13 +158,12 @@ class QEFFAutoModel(QEFFBaseModel):
     def seq_lens(self) -> list[int]:
         return [s["seq_len"] for s in self.compile_result.specializations] if self.compile_result else []
 
-    def _get_session(self) -> OrtSession:
+    def _get_session(self, device_ids: list[int] | None = None) -> OrtSession:
         if self.compile_result is None:
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet.")
-        if self._session is None:
-            if self.compile_result.backend != "onnxruntime":
-                raise NotImplementedError("Running on the qaic backend needs qaicrt, which is not available here.")
-            self._session = OrtSession(self.export_result.path, self.compile_result.specializations)
+        if self._session is None or getattr(self, "_session_devices", None) != device_ids:
+            self._session = open_session(self.compile_result, device_ids=device_ids)  # by the compile's backend
+            self._session_devices = device_ids
         return self._session
 
     # ------------------------------------------------------------------ run
@@ -173,12 +177,12 @@ class QEFFAutoModel(QEFFBaseModel):
                 "or truncate the input (tokenizer(..., truncation=True, max_length=...)).")
         return fits[0]
 
-    def generate(self, inputs, runtime: str | None = None) -> dict[str, np.ndarray]:
+    def generate(self, inputs, runtime: str | None = None, device_ids: list[int] | None = None) -> dict[str, np.ndarray]:
         """Run tokenized `inputs` (input_ids, attention_mask) on the compiled graph.
 
         Each batch is padded to the smallest compiled seq_len that fits and split into the compiled
         batch size. Returns {"output": [batch, hidden]} (pooled) or [batch, seq, hidden] (no pooling)."""
-        session = self._get_session()
+        session = self._get_session(device_ids)
         ids = np.asarray(inputs["input_ids"], dtype=np.int64)
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
         if ids.ndim == 1:
@@ -204,13 +208,33 @@ class QEFFAutoModel(QEFFBaseModel):
         return {"output": output}
 
     def embed(self, texts: list[str] | str, normalize: bool = False) -> np.ndarray:
-        """Tokenize `texts` with the model's tokenizer (truncated to the largest compiled seq_len) and run."""
+        """Tokenize `texts` with the model's tokenizer (truncated to the largest compiled seq_len) and run.
+
+        Texts are grouped by length (as sentence-transformers does), so each batch is padded only to the
+        smallest compiled seq_len its longest member needs; results come back in the input order."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if not texts:
             raise ValueError("embed() needs at least one text.")
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=max(self.seq_lens or [512]),
-                             return_tensors="np")
-        out = self.generate(enc)["output"]
+        if self.compile_result is None:
+            raise RuntimeError("Call compile(...) before embed(...): nothing is compiled yet.")
+        if self.pooling is None:
+            raise ValueError("embed() needs a pooling (rows differ in length); use generate() for per-token states.")
+        ids = self.tokenizer(texts, truncation=True, max_length=max(self.seq_lens))["input_ids"]
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        bs = self.compile_result.specializations[0]["batch_size"]
+        pad = self.tokenizer.pad_token_id or 0
+        out = None
+        for start in range(0, len(order), bs):
+            rows = order[start:start + bs]
+            width = max(len(ids[i]) for i in rows)
+            batch = np.full((len(rows), width), pad, np.int64)
+            mask = np.zeros((len(rows), width), np.int64)
+            for r, i in enumerate(rows):
+                batch[r, :len(ids[i])], mask[r, :len(ids[i])] = ids[i], 1
+            emb = self.generate({"input_ids": batch, "attention_mask": mask})["output"]
+            if out is None:
+                out = np.zeros((len(texts), emb.shape[-1]), emb.dtype)
+            out[rows] = emb
         if normalize:
             out = out / np.linalg.norm(out, axis=-1, keepdims=True).clip(min=1e-12)
         return out

@@ -1,0 +1,162 @@
+"""The pipeline dashboard as a widget, without a browser: rows from model.steps, clicks open views, live progress."""
+import re
+import time
+from dataclasses import dataclass
+
+import ipywidgets as widgets
+import pandas as pd
+import pytest
+from ipywidgets.embed import embed_data
+
+from qeff_lab.pipeline import StepReport
+from qeff_lab.views.dashboard import PASSES_ROW, Dashboard, dashboard, register_step_view, STEP_VIEWS
+from qeff_lab.views.graph import GraphView
+from qeff_lab.views.tables import COLORS
+
+from tests.views.conftest import tiny_model
+
+
+def rows(dash: Dashboard) -> list[tuple[str, str, str]]:
+    """(button text, badge text, summary text) for each row, read off the widgets as the user sees them."""
+    cells = dash.table.children
+    out = []
+    for i in range(0, len(cells), 4):
+        badge = re.sub(r"<[^>]+>", "", cells[i + 1].value)
+        summary = re.sub(r"<[^>]+>", "", cells[i + 3].value)
+        out.append((cells[i].description, badge, summary))
+    return out
+
+
+def test_fresh_model_shows_recorded_steps_then_the_stages_to_come(fresh_tiny):
+    dash = dashboard(fresh_tiny)
+    got = rows(dash)
+    assert [r[0] for r in got] == ["load", "analyze", "transform", "export", "compile", "run", "compare"]
+    assert [r[1] for r in got] == ["done", "pending", "done", "pending", "pending", "pending", "pending"]
+    assert got[2][2] == fresh_tiny.steps["transform"].summary
+    assert dash.buttons["export"].disabled and not dash.buttons["load"].disabled
+    assert "2 step(s) done" in dash.header.value
+
+
+def test_compiled_model_rows_include_onnx_passes_under_export(compiled_tiny):
+    dash = dashboard(compiled_tiny)
+    names = [r[0] for r in rows(dash)]
+    assert names[:6] == ["load", "analyze", "transform", "export", "└ " + PASSES_ROW, "compile"]
+    passes_summary = dict((r[0], r[2]) for r in rows(dash))["└ " + PASSES_ROW]
+    assert "FP16ClipConstants" in passes_summary and "ExternalData" in passes_summary
+    badge_html = dash.table.children[names.index("compile") * 4 + 1].value
+    assert COLORS[compiled_tiny.steps["compile"].status] in badge_html
+
+
+def test_clicking_a_step_opens_its_view(compiled_tiny):
+    dash = dashboard(compiled_tiny)
+    assert dash.detail.children == ()
+    dash.buttons["load"].click()
+    assert dash.selected == "load"
+    (view,) = dash.detail.children
+    assert "tiny-bert" in view.value and "load" in view.value
+    assert dash.buttons["load"].style.button_color == "#e3f2fd"
+
+    dash.buttons["export"].click()
+    (view,) = dash.detail.children
+    graph = [c for c in view.children if isinstance(c, GraphView)]
+    assert len(graph) == 1 and graph[0].server is None  # netron starts only when asked
+    assert "input_ids" in graph[0].children[2].children[1].value
+    assert dash.buttons["load"].style.button_color is None
+
+    dash.buttons[PASSES_ROW].click()
+    assert "FP16ClipConstants" in dash.detail.children[0].value
+
+    dash.buttons["compile"].click()
+    assert "specializations" in dash.detail.children[0].value
+
+
+def test_whole_state_serializes_for_the_frontend(compiled_tiny):
+    dash = dashboard(compiled_tiny)
+    dash.buttons["compile"].click()
+    state = embed_data(views=[dash])
+    models = state["manager_state"]["state"]
+    assert len(models) > 20
+    kinds = {m["model_name"] for m in models.values()}
+    assert {"VBoxModel", "GridBoxModel", "ButtonModel", "HTMLModel", "FloatProgressModel"} <= kinds
+    assert dash.get_state()["_dom_classes"] == ("qeff-dashboard",)
+
+
+def test_repr_is_short_and_deterministic(compiled_tiny):
+    text = repr(dashboard(compiled_tiny))
+    assert text == repr(dashboard(compiled_tiny))
+    assert text.startswith("<Dashboard tiny-bert: load done, transform done, export ")
+    assert "0x" not in text and not re.search(r"\d\.\d+s", text) and len(text) < 200
+
+
+def test_watch_shows_running_elapsed_and_progress_then_the_new_step():
+    model = tiny_model("tiny-watch")
+    dash = Dashboard(model, tick=0.05)
+    with dash.watch("export") as progress:
+        assert dict((r[0], r[1]) for r in rows(dash))["export"] == "running"
+        assert dash.buttons["export"].disabled
+        assert dash.progress.layout.visibility == "visible"
+        time.sleep(0.3)  # the ticker thread redraws elapsed time
+        idx = list(dash.buttons).index("export") * 4
+        assert re.search(r"0\.[1-9]\d?s|\d\.\d\ds", dash.table.children[idx + 2].value)
+        progress.update(0.25, "tracing")
+        time.sleep(0.2)
+        assert dash.progress.value == 0.25 and dash.progress.description == "25%"
+        assert "tracing" in dash.table.children[idx + 3].value
+        model.export()
+    assert dash.running is None and dash.progress.layout.visibility == "hidden"
+    got = dict((r[0], r[1]) for r in rows(dash))
+    assert got["export"] in ("done", "reused") and not dash.buttons["export"].disabled
+    assert "└ " + PASSES_ROW in got
+
+
+def test_run_returns_the_result_and_a_failure_is_shown_and_raised(fresh_tiny):
+    dash = Dashboard(fresh_tiny, tick=0.05)
+    assert dash.run("compare", lambda x: x * 2, 21) == 42
+    with pytest.raises(ValueError, match="bad seq_len"):
+        with dash.watch("compile"):
+            raise ValueError("bad seq_len")
+    last = rows(dash)[-1]
+    assert last == ("compile", "failed", "ValueError: bad seq_len")
+    with pytest.raises(RuntimeError, match="already watching"):
+        with dash.watch("export"):
+            with dash.watch("compile"):
+                pass
+
+
+@dataclass
+class _Profile:
+    """Stands in for another owner's report type: any details with a _repr_html_ draw themselves."""
+
+    rows: int
+
+    def _repr_html_(self):
+        return f"<div class='profile'>{self.rows} rows profiled</div>"
+
+
+def test_steps_added_by_other_paths_show_up_with_their_own_views(fresh_tiny):
+    fresh_tiny._record(StepReport("analyze", "done", 1.5, "3 findings", _Profile(12)))
+    fresh_tiny._record(StepReport("ladder", "done", 0.5, "fp32 -> fp16", pd.DataFrame({"rung": ["fp32"], "match": [1.0]})))
+    dash = dashboard(fresh_tiny)
+    got = rows(dash)
+    assert ("analyze", "done", "3 findings") in got
+    assert [r[0] for r in got].index("ladder") > [r[0] for r in got].index("analyze")
+    assert "compare" not in [r[0] for r in got]  # "ladder" is a compare step
+    dash.buttons["analyze"].click()
+    assert "12 rows profiled" in dash.detail.children[0].value
+    dash.buttons["ladder"].click()
+    assert "<table" in dash.detail.children[0].value and "fp32" in dash.detail.children[0].value
+
+    calls = []
+    register_step_view("ladder")(lambda report: calls.append(report.step) or widgets.Label("custom"))
+    try:
+        dash.buttons["ladder"].click()
+        assert calls == ["ladder"] and dash.detail.children[0].value == "custom"
+    finally:
+        del STEP_VIEWS["ladder"]
+
+
+def test_view_of_an_unknown_step_is_a_clear_error(fresh_tiny):
+    with pytest.raises(KeyError, match="No step 'compile' recorded yet; recorded: load, transform"):
+        dashboard(fresh_tiny).view_for("compile")
+    with pytest.raises(TypeError, match="needs a QEFF model"):
+        dashboard(object())

@@ -68,8 +68,8 @@ def render_step(report) -> str:
 
 
 def steps_frame(model) -> pd.DataFrame:
-    return pd.DataFrame([{"step": r.step, "status": r.status, "seconds": round(r.seconds, 2), "summary": r.summary}
-                         for r in model.steps.values()], columns=["step", "status", "seconds", "summary"])
+    return pd.DataFrame([{"step": r.step, "status": r.status, "time": f"{r.seconds:.2f} s", "summary": r.summary}
+                         for r in model.steps.values()], columns=["step", "status", "time", "summary"])
 
 
 def render_steps(model) -> str:
@@ -86,3 +86,4 @@ def steps_widget(model):
     for i, r in enumerate(reports):
         acc.set_title(i, f"{r.step} [{r.status}] {r.seconds:.2f}s — {r.summary}")
     return acc
+

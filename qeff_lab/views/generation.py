@@ -1,0 +1,16 @@
+"""Views of causal-LM work: generation results and module-swap reports (pure functions of the reports)."""
+from __future__ import annotations
+
+from qeff_lab.views.tables import html_table
+
+
+def render_generation(result) -> str:
+    """A GenerationResult: the metrics, then one row per prompt with its new text."""
+    return (html_table(result.metrics.to_frame(), caption="generation metrics")
+            + html_table(result.to_frame(), caption=f"{len(result.ids)} prompt(s)"))
+
+
+def render_swap_summary(result) -> str:
+    """A SwapResult grouped by class: what became what, how many modules, and what was kept."""
+    return html_table(result.summary_frame(), caption=f"{result.name}: {len(result.changes)} swapped, "
+                                                      f"{len(result.kept)} kept")

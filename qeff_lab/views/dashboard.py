@@ -95,6 +95,7 @@ class _Running:
         self.start = time.perf_counter()
         self.fraction: float | None = None
         self.note = ""
+        self.result: Any = None
 
     def update(self, fraction: float | None = None, note: str = "") -> None:
         """Report progress from inside the step: `fraction` in [0, 1] (None: unknown), and a short note."""
@@ -116,6 +117,7 @@ class Dashboard(widgets.VBox):
         self.tick = tick
         self.selected: str | None = None
         self.running: _Running | None = None
+        self.observed: dict[str, Any] = {}  # steps run under watch() that the model did not record itself
         self.buttons: dict[str, widgets.Button] = {}
         self.header = widgets.HTML()
         self.table = widgets.GridBox(layout=widgets.Layout(
@@ -132,9 +134,17 @@ class Dashboard(widgets.VBox):
         self.refresh()
 
     # ------------------------------------------------------------------ rows
+    @property
+    def steps(self) -> dict:
+        """The model's step reports, then the ones this dashboard observed (a step that records no report)."""
+        steps = dict(self.model.steps)
+        for name, report in self.observed.items():
+            steps.setdefault(name, report)
+        return steps
+
     def _rows(self) -> list[tuple[str, str, float | None, str]]:
         """(name, status, seconds, summary) for every row, in display order."""
-        steps = self.model.steps
+        steps = self.steps
         stage_of = {n: i for i, (_, names) in enumerate(STAGES) for n in names}
         running = self.running.step if self.running is not None else None
         waiting = [(stage_of[names[0]], stage) for stage, names in STAGES
@@ -177,8 +187,8 @@ class Dashboard(widgets.VBox):
                       widgets.HTML(f"<span style='font-family:ui-monospace,monospace'>{_fmt_seconds(seconds)}</span>"),
                       widgets.HTML(f"<span style='color:{colour}'>{html.escape(summary)}</span>")]
         self.table.children = cells
-        done = sum(1 for r in self.model.steps.values() if r.status in ("done", "reused"))
-        total = sum(r.seconds for r in self.model.steps.values())
+        done = sum(1 for r in self.steps.values() if r.status in ("done", "reused"))
+        total = sum(r.seconds for r in self.steps.values())
         self.header.value = (f"<div style='font-size:14px'><b>{html.escape(type(self.model).__name__)}</b> "
                              f"{html.escape(self.model.model_name)} — {done} step(s) done, {_fmt_seconds(total)} "
                              f"in all. Click a step to see it.</div>")
@@ -186,11 +196,12 @@ class Dashboard(widgets.VBox):
     # ------------------------------------------------------------------ views
     def view_for(self, name: str) -> widgets.Widget:
         """The widget a click on `name` opens (built from its report only)."""
+        steps = self.steps
         if name == PASSES_ROW:
-            return passes_step_view(self.model.steps["export"])
-        if name not in self.model.steps:
-            raise KeyError(f"No step {name!r} recorded yet; recorded: {', '.join(self.model.steps) or 'none'}.")
-        report = self.model.steps[name]
+            return passes_step_view(steps["export"])
+        if name not in steps:
+            raise KeyError(f"No step {name!r} recorded yet; recorded: {', '.join(steps) or 'none'}.")
+        report = steps[name]
         return STEP_VIEWS.get(name, default_step_view)(report)
 
     def select(self, name: str) -> None:
@@ -228,9 +239,11 @@ class Dashboard(widgets.VBox):
         """Show `step` as running (elapsed time, progress) while the body runs; refresh from the reports after.
 
         The body may call `progress.update(fraction, note)` on the value it gets. On an error the row shows the
-        error and the exception propagates."""
+        error and the exception propagates. A step that records no report of its own (model.steps unchanged)
+        keeps a row of what the dashboard saw: its time and, from `run`, what it returned."""
         if self.running is not None:
             raise RuntimeError(f"The dashboard is already watching {self.running.step!r}.")
+        before = self.model.steps.get(step)
         self.running = _Running(step)
         self.refresh()
         self._show_running()
@@ -247,11 +260,13 @@ class Dashboard(widgets.VBox):
             self._stop_tick.set()
             self._ticker.join()
             self._ticker = None
-            self.running = None
+            running, self.running = self.running, None
+            if failed is None and self.model.steps.get(step) is before:
+                self.observed[step] = _observed_report(step, running)
             self.progress.layout.visibility = "hidden"
             self.progress.value = 0.0
             self.refresh()
-            if failed is not None and step not in self.model.steps:
+            if failed is not None and step not in self.steps:
                 self._show_failure(step, failed)
 
     def _show_failure(self, step: str, exc: BaseException) -> None:
@@ -263,12 +278,26 @@ class Dashboard(widgets.VBox):
 
     def run(self, step: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` shown as `step` while it runs; returns what fn returns."""
-        with self.watch(step):
-            return fn(*args, **kwargs)
+        with self.watch(step) as running:
+            running.result = fn(*args, **kwargs)
+            return running.result
 
     def __repr__(self) -> str:
         steps = ", ".join(f"{n} {r.status}" for n, r in self.model.steps.items()) or "no steps"
         return f"<Dashboard {self.model.model_name}: {steps}>"
+
+
+def _observed_report(step: str, running: _Running):
+    from qeff_lab.pipeline import StepReport
+
+    result = running.result
+    summary = getattr(result, "summary", None)
+    summary = summary() if callable(summary) else summary
+    if not isinstance(summary, str):
+        text = repr(result)
+        summary = ("done" if result is None else text.strip("<>") if len(text) <= 120 and " at 0x" not in text
+                   else f"returned {type(result).__name__}")
+    return StepReport(step, "done", time.perf_counter() - running.start, summary, result)
 
 
 def dashboard(model) -> Dashboard:

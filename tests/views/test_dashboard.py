@@ -160,3 +160,21 @@ def test_view_of_an_unknown_step_is_a_clear_error(fresh_tiny):
         dashboard(fresh_tiny).view_for("compile")
     with pytest.raises(TypeError, match="needs a QEFF model"):
         dashboard(object())
+
+
+def test_a_step_that_records_no_report_keeps_the_row_the_dashboard_saw(fresh_tiny):
+    class Result:
+        def __repr__(self):
+            return "<Result 1 prompt(s), 16 new tokens>"
+
+        def _repr_html_(self):
+            return "<b>16 new tokens</b>"
+
+    dash = Dashboard(fresh_tiny, tick=0.05)
+    out = dash.run("generate", lambda: Result())
+    assert isinstance(out, Result) and "generate" not in fresh_tiny.steps
+    got = dict((r[0], r[1:]) for r in rows(dash))
+    assert got["generate"] == ("done", "Result 1 prompt(s), 16 new tokens")
+    assert "run" not in got  # "generate" is the run stage
+    dash.buttons["generate"].click()
+    assert "<b>16 new tokens</b>" in dash.detail.children[0].value

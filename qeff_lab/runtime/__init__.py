@@ -1,0 +1,31 @@
+"""Sessions behind one interface (input_names, output_names, allowed, check_shapes, run, keeps_retained_state):
+OrtSession (embedded ONNX Runtime) and QaicSession (Cloud AI 100 via qaicrt), chosen by open_session."""
+from __future__ import annotations
+
+
+def open_session(compile_result, *, device_ids: list[int] | None = None, threads: int | None = None):
+    """The session for a CompileResult, picked by its backend: qaic -> QaicSession on `device_ids` (default the
+    first num_devices cards), onnxruntime -> OrtSession over the exported ONNX (`device_ids` must then be None)."""
+    backend = compile_result.backend
+    if getattr(compile_result, "dry_run", False):
+        raise RuntimeError(
+            f"{compile_result.folder.name} is a dry run: its artifacts and command exist but nothing was compiled. "
+            "Run the command on a machine with the AI 100 SDK, or compile without dry_run (backend=None picks the "
+            "embedded ONNX Runtime backend when there is no SDK).")
+    if backend == "qaic":
+        from qeff_lab.runtime.qaic_session import QaicSession
+
+        return QaicSession(compile_result.qpc_path, device_ids=device_ids,
+                           num_devices=getattr(compile_result, "num_devices", 1),
+                           allowed=compile_result.specializations)
+    if backend == "onnxruntime":
+        if device_ids is not None:
+            raise ValueError(f"device_ids={device_ids} selects AI 100 cards, but this compile is for the embedded "
+                             "ONNX Runtime backend (CPU). Leave device_ids out, or compile with backend='qaic'.")
+        from qeff_lab.runtime.session import OrtSession
+
+        return OrtSession(compile_result.onnx_path, compile_result.specializations, threads=threads)
+    raise ValueError(f"No session for backend {backend!r}: expected 'qaic' or 'onnxruntime'.")
+
+
+__all__ = ["open_session"]

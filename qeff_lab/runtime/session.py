@@ -19,6 +19,7 @@ class OrtSession:
     """
 
     backend = "onnxruntime"
+    keeps_retained_state = False  # the caller feeds X_RetainedState outputs back as X inputs (QaicSession: True)
 
     def __init__(self, onnx_path: Path, allowed: list[dict[str, int]] | None = None, threads: int | None = None):
         opts = ort.SessionOptions()

@@ -1,0 +1,22 @@
+"""HTML for a CompileResult: backend and why, the exact command, the artifacts (a pure function of the result)."""
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+
+def render_compile_result(result) -> str:
+    from qeff_lab.views import html_table
+
+    what = "qaic (dry run: compiler not run)" if result.dry_run else result.backend
+    opts = result.options.non_default() if result.options else {}
+    opts_html = html_table(pd.DataFrame({"option": list(opts), "value": [repr(v) for v in opts.values()]}),
+                           caption="options (non-default)") if opts else "<div>options: all defaults</div>"
+    return (f"<div><b>compile</b>: backend <b>{html.escape(what)}</b> — {html.escape(result.reason)}"
+            f"{' (reused)' if result.reused else ''}</div>"
+            f"<div style='font-size:11px'>folder <code>{html.escape(str(result.folder))}</code></div>"
+            + html_table(pd.DataFrame(result.specializations), caption="specializations")
+            + opts_html
+            + f"<div style='font-size:11px'>artifacts: {html.escape(', '.join(result.artifacts))}</div>"
+            + f"<pre style='white-space:pre-wrap;font-size:11px'>{html.escape(result.command_line)}</pre>")

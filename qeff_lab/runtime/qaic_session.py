@@ -1,0 +1,246 @@
+"""Run a QPC on Cloud AI 100 through the SDK's `qaicrt` runtime, behind the same interface as OrtSession.
+
+Importing this module never needs the SDK: `qaicrt` (and its `QAicApi_pb2` protobuf) are imported when a session
+is opened, and their absence is a QaicRuntimeUnavailable error saying what to install. The binding logic (which
+buffers are retained state, which compiled shape the inputs match, which devices to use) is plain Python over
+the bindings' name / direction / dims, so it is tested without the SDK.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qeff_lab.runtime.session import ShapeNotCompiledError
+
+RETAINED_SUFFIX = "_RetainedState"
+
+
+class QaicRuntimeUnavailable(ImportError):
+    """The SDK's Python runtime (qaicrt, QAicApi_pb2) cannot be imported on this machine."""
+
+
+class DeviceSelectionError(ValueError):
+    """device_ids that do not fit the compiled program or the cards present."""
+
+
+def load_qaicrt(sdk_root: Path | str | None = None):
+    """(qaicrt, QAicApi_pb2), from the environment or from the SDK's own folders."""
+    from qeff_lab.compile.sdk import sdk_root as default_root
+
+    root = Path(sdk_root) if sdk_root is not None else default_root()
+    extra = [root / "dev" / "lib" / platform.machine(), root / "dev" / "python"]
+    modules = []
+    for name in ("qaicrt", "QAicApi_pb2"):
+        try:
+            modules.append(importlib.import_module(name))
+            continue
+        except ImportError:
+            pass
+        for p in extra:
+            if p.is_dir() and str(p) not in sys.path:
+                sys.path.append(str(p))
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError as e:
+            raise QaicRuntimeUnavailable(
+                f"Cannot import {name!r}, the Cloud AI 100 runtime's Python API ({e}). It ships with the AI 100 "
+                f"Platform and Apps SDKs (looked in the environment and under {extra[0]} and {extra[1]}). On a "
+                "machine without the card, compile with backend='onnxruntime' (or None) to run on the embedded "
+                "backend; set QEFF_LAB_QAIC_ROOT if the SDK is installed elsewhere.") from e
+    return modules[0], modules[1]
+
+
+# ----------------------------------------------------------------------------- binding logic (no SDK needed)
+@dataclass
+class Binding:
+    """One QPC input or output, as the IO descriptor lists it."""
+
+    name: str
+    index: int
+    is_input: bool
+    dims: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def retained(self) -> bool:
+        return self.name.endswith(RETAINED_SUFFIX)
+
+
+def retained_state_names(bindings: list[Binding]) -> set[str]:
+    """Buffers the device keeps between runs: every X_RetainedState output and its paired input X.
+
+    The host sends and receives nothing for them (zero-size buffers), which is what makes decode cheap."""
+    outputs = {b.name for b in bindings if not b.is_input and b.retained}
+    paired = {o[: -len(RETAINED_SUFFIX)] for o in outputs}
+    return outputs | {b.name for b in bindings if b.is_input and b.name in paired}
+
+
+def match_allowed_shape(allowed_shapes: list[list[tuple[int, ...]]], bindings: list[Binding],
+                        shapes: dict[str, tuple[int, ...]]) -> int:
+    """Index of the first compiled shape set in which every given buffer's shape matches its binding.
+
+    `allowed_shapes[k][i]` is binding i's dims in specialization k (the IO descriptor's allowed_shapes).
+    Buffers left out (retained state) are not compared. Raises ShapeNotCompiledError listing what is compiled."""
+    by_name = {b.name: b for b in bindings}
+    unknown = sorted(set(shapes) - set(by_name))
+    if unknown:
+        raise KeyError(f"No binding named {unknown} in this QPC; its bindings are {sorted(by_name)}.")
+    if not allowed_shapes:  # a single-shape program: its bindings' own dims
+        allowed_shapes = [[b.dims for b in sorted(bindings, key=lambda b: b.index)]]
+    for k, shape_set in enumerate(allowed_shapes):
+        if all(tuple(shape_set[by_name[n].index]) == tuple(s) for n, s in shapes.items()):
+            return k
+    compiled = "\n".join(
+        f"  {k}: " + ", ".join(f"{n}{list(shape_set[by_name[n].index])}" for n in shapes)
+        for k, shape_set in enumerate(allowed_shapes))
+    given = ", ".join(f"{n}{list(s)}" for n, s in shapes.items())
+    raise ShapeNotCompiledError(f"Input shapes {given} match no compiled specialization of this QPC:\n{compiled}\n"
+                                "Compile with a specialization for this shape, or pad the inputs to one of these.")
+
+
+def select_devices(device_ids: list[int] | None, num_devices: int, available: list[int] | None = None) -> list[int]:
+    """The device ids to load on: default the first `num_devices` ids (0..n-1); given ids must number
+    `num_devices` (what the QPC was compiled for) and, when the cards are known, exist."""
+    if device_ids is None:
+        ids = (sorted(available)[:num_devices] if available else list(range(num_devices)))
+        if len(ids) < num_devices:
+            raise DeviceSelectionError(f"The program was compiled for {num_devices} device(s) but only "
+                                       f"{len(ids)} are present ({sorted(available or [])}).")
+        return ids
+    ids = [int(d) for d in device_ids]
+    if len(set(ids)) != len(ids):
+        raise DeviceSelectionError(f"device_ids {ids} repeats a device.")
+    if len(ids) != num_devices:
+        raise DeviceSelectionError(
+            f"device_ids {ids} names {len(ids)} device(s) but the program was compiled for num_devices="
+            f"{num_devices}. Give {num_devices} id(s), or compile again with num_devices={len(ids)}.")
+    if available is not None and available:
+        missing = sorted(set(ids) - set(available))
+        if missing:
+            raise DeviceSelectionError(f"device_ids {missing} are not among the cards present {sorted(available)} "
+                                       "(see `qaic-util -q`).")
+    return ids
+
+
+def _dtype_map(aicapi) -> dict[int, np.dtype]:
+    names = {"FLOAT_TYPE": np.float32, "FLOAT_16_TYPE": np.float16, "BFLOAT16_TYPE": np.float16,
+             "INT8_Q_TYPE": np.int8, "UINT8_Q_TYPE": np.uint8, "INT16_Q_TYPE": np.int16, "INT32_Q_TYPE": np.int32,
+             "INT32_I_TYPE": np.int32, "INT64_I_TYPE": np.int64, "INT8_TYPE": np.int8}
+    return {getattr(aicapi, n): np.dtype(t) for n, t in names.items() if hasattr(aicapi, n)}
+
+
+# ----------------------------------------------------------------------------- the session
+class QaicSession:
+    """A loaded QPC on one or more cards. Same interface as OrtSession: input_names, output_names, allowed,
+    check_shapes(feeds), run(feeds) -> {output name: array}.
+
+    Retained state stays on the device (`keeps_retained_state`): feeds for past_* inputs are ignored and
+    X_RetainedState outputs are not returned; a generation loop feeds them back only when the session does not
+    keep them."""
+
+    backend = "qaic"
+    keeps_retained_state = True
+
+    def __init__(self, qpc_path: Path | str, device_ids: list[int] | None = None, num_devices: int = 1,
+                 allowed: list[dict[str, int]] | None = None, sdk_root: Path | str | None = None,
+                 activate: bool = True):
+        qaicrt, aicapi = load_qaicrt(sdk_root)
+        qpc_path = Path(qpc_path)
+        if not (qpc_path / "programqpc.bin").is_file():
+            raise FileNotFoundError(f"No programqpc.bin in {qpc_path}: compile with backend='qaic' first.")
+        from qeff_lab.compile.sdk import detect_sdk
+
+        available = detect_sdk(sdk_root).device_ids
+        self.device_ids = select_devices(device_ids, num_devices, available or None)
+        self.allowed = allowed or []
+        self._rt, self._api = qaicrt, aicapi
+        ok = qaicrt.QStatus.QS_SUCCESS
+        self.context = qaicrt.Context(qaicrt.QIDList(self.device_ids))
+        self.queue = qaicrt.Queue(self.context, self.device_ids[0])
+        qpc = qaicrt.Qpc(str(qpc_path))
+        status, iodesc_bytes = qpc.getIoDescriptor()
+        if status != ok:
+            raise RuntimeError(f"qaicrt could not read the IO descriptor of {qpc_path} (status {status}).")
+        iodesc = aicapi.IoDesc()
+        iodesc.ParseFromString(bytes(iodesc_bytes))
+        dtypes = _dtype_map(aicapi)
+        self.bindings = [Binding(b.name, b.index, b.dir == aicapi.BUFFER_IO_TYPE_INPUT, tuple(b.dims), dtypes[b.type])
+                         for b in iodesc.selected_set.bindings]
+        self.allowed_shapes = [[tuple(s.dims) for s in a.shapes] for a in iodesc.allowed_shapes]
+        self._by_name = {b.name: b for b in self.bindings}
+        self.input_names = [b.name for b in self.bindings if b.is_input]
+        self.output_names = [b.name for b in self.bindings if not b.is_input]
+        self.retained = retained_state_names(self.bindings)
+        props = qaicrt.QAicProgramProperties()
+        if len(self.device_ids) > 1:
+            props.devMapping = ":".join(map(str, self.device_ids))
+        self.program = qaicrt.Program(self.context, self.device_ids[0] if len(self.device_ids) == 1 else None,
+                                      qpc, props)
+        if self.program.load() != ok:
+            raise RuntimeError(f"qaicrt could not load {qpc_path} on devices {self.device_ids}: check `qaic-util -q` "
+                               "for free NSP cores (another program may hold them).")
+        self.exec_obj = None
+        if activate:
+            self.activate()
+
+    def activate(self) -> None:
+        if self.exec_obj is None:
+            self.program.activate()
+            self.exec_obj = self._rt.ExecObj(self.context, self.program)
+
+    def close(self) -> None:
+        if self.exec_obj is not None:
+            self.exec_obj = None
+            self.program.deactivate()
+
+    def check_shapes(self, feeds: dict[str, np.ndarray]) -> int:
+        sent = {n: tuple(np.shape(v)) for n, v in feeds.items() if n not in self.retained}
+        return match_allowed_shape(self.allowed_shapes, self.bindings, sent)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rt, ok = self._rt, self._rt.QStatus.QS_SUCCESS
+        k = self.check_shapes(feeds)
+        buffers, dims = [], []
+        for b in sorted(self.bindings, key=lambda b: b.index):
+            if b.name in self.retained or (b.is_input and b.name not in feeds):
+                buffers.append(rt.QBuffer(b""))  # zero-size: the device keeps (or produces) it
+                dims.append((b.dtype.itemsize, [0]))
+            elif b.is_input:
+                arr = np.ascontiguousarray(feeds[b.name], dtype=b.dtype)
+                buffers.append(rt.QBuffer(arr.tobytes()))
+                dims.append((arr.itemsize, list(arr.shape) or [1]))
+            else:  # an output, sized for the specialization the inputs matched
+                shape = list(self.allowed_shapes[k][b.index]) if self.allowed_shapes else list(b.dims)
+                buffers.append(rt.QBuffer(bytes(int(np.prod(shape)) * b.dtype.itemsize)))
+                dims.append((b.dtype.itemsize, shape))
+        buf_dims = rt.BufferDimensionsVecRef(dims)
+        if self.exec_obj.setData(buffers, buf_dims) != ok:
+            raise RuntimeError("qaicrt setData failed: the buffers do not fit the program's bindings.")
+        if self.queue.enqueue(self.exec_obj) != ok:
+            raise RuntimeError("qaicrt could not enqueue the run.")
+        if self.exec_obj.waitForCompletion() != ok:
+            raise RuntimeError(f"The run failed on the device; compiled shapes: {self.allowed_shapes}")
+        status, out = self.exec_obj.getData()
+        if status != ok:
+            raise RuntimeError("qaicrt getData failed.")
+        result = {}
+        for b in self.bindings:
+            if b.is_input or b.name in self.retained or out[b.index].size == 0:
+                continue
+            result[b.name] = np.frombuffer(bytes(out[b.index]), b.dtype).reshape(dims[b.index][1])
+        return result
+
+    def __repr__(self) -> str:
+        return f"<QaicSession devices {self.device_ids}: {len(self.input_names)} inputs, {len(self.output_names)} outputs>"
+
+
+def session_info(compile_folder: Path) -> dict:
+    """num_devices and specializations from a compile folder's qconfig.json (what QaicSession needs besides the QPC)."""
+    q = json.loads((Path(compile_folder) / "qconfig.json").read_text())
+    return {"num_devices": q.get("num_devices", 1), "allowed": q.get("specializations", [])}

@@ -1,0 +1,56 @@
+"""Failure translation on compiler output, and the output sinks (no SDK needed)."""
+from __future__ import annotations
+
+import pytest
+
+from qeff_lab.compile import explain_failure
+from qeff_lab.compile.runner import FailureContext, make_sink, run_streaming
+
+CTX = FailureContext("qaic-compile", "1.18.2", "named", {"-mos": "mos=2"})
+
+
+@pytest.mark.parametrize("output, rc, words", [
+    ("qaic-compile: Unknown command line argument '-mos=2'.  Try: 'qaic-compile -help'", 1,
+     "qeff_lab adds for mos=2"),
+    ("error: unrecognized option '-foo-bar'", 1, "does not accept -foo-bar: this SDK version may not know it"),
+    ("Error: Failed to parse network specialization config", 1, "specializations_format='flat'"),
+    ("terminate called after throwing an instance of 'std::bad_alloc'", 134, "ran out of memory"),
+    ("", -9, "ran out of memory"),
+    ("Error: custom IO name past_key.7 not found in the network", 1, "custom_io.yaml"),
+    ("Error: Unsupported op CtxScatter in node /model/layers.0/CtxScatter", 1, "operator this compiler does not"),
+    ("Error: node precision info: node /x/Add_output_0 not found", 1, "node-precision-info"),
+    ("Error: cannot open /x/model.onnx: No such file or directory", 1, "could not open a file"),
+])
+def test_known_failures_get_advice(output, rc, words):
+    advice = explain_failure(output, rc, CTX)
+    assert any(words in a for a in advice), advice
+
+
+def test_unknown_failure_gets_no_made_up_advice():
+    assert explain_failure("Segmentation fault", 139, CTX) == []
+
+
+def test_sinks(tmp_path, capsys):
+    got = []
+    assert make_sink(got.append) == got.append
+    make_sink(False)("quiet")
+    make_sink(None)("to the terminal")  # not in a notebook here
+    assert capsys.readouterr().err == "  [compiler] to the terminal\n"
+
+
+def test_run_streaming_logs_every_line_and_the_exit_code(tmp_path):
+    import sys
+
+    got = []
+    out = run_streaming([sys.executable, "-c", "import sys; print('a'); print('b', file=sys.stderr); sys.exit(5)"],
+                        tmp_path / "log.txt", got.append)
+    assert out.returncode == 5 and sorted(got) == ["a", "b"] and not out.timed_out
+    log = (tmp_path / "log.txt").read_text()
+    assert log.startswith("$ ") and "# exit code 5" in log
+
+
+def test_missing_compiler_binary_is_a_compile_error(tmp_path):
+    from qeff_lab.compile import CompileError
+
+    with pytest.raises(CompileError, match="Could not start the compiler"):
+        run_streaming([str(tmp_path / "no-such-compiler")], tmp_path / "log.txt", lambda line: None)

@@ -228,7 +228,10 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 custom_io[name + RETAINED_SUFFIX] = kv_dtype
             result = compile_graph(self.export_result.path, specs, backend=backend, num_cores=num_cores,
                                    spec_names=["Prefill", "Decode"], custom_io=custom_io, mxfp6_matmul=mxfp6_matmul,
-                                   options=compiler_options or None)
+                                   options=compiler_options or None, model_info={
+                                       "name": self.model_name, "class": type(self.model).__name__,
+                                       "config": self.model.config.to_dict(), "transforms": ["RetainedStateKVCache"],
+                                       "mxint8_kv_cache": mxint8_kv_cache})
         self.compile_result = result
         self.compile_shapes = {"prefill_seq_len": prefill_seq_len, "ctx_len": ctx_len, "batch_size": batch_size}
         self._session = None
@@ -246,7 +249,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 and p.name != "manifest.json"}
 
     # ------------------------------------------------------------------ run
-    def runner(self, runtime: str = "compiled"):
+    def runner(self, runtime: str = "compiled", device_ids: list[int] | None = None):
         """The KV runner generate uses: the compiled graph ("compiled") or the transformed PyTorch model
         ("pytorch", same shapes and schedule; compile()'s shapes, or its defaults when not compiled)."""
         if runtime not in RUNTIMES:
@@ -258,11 +261,11 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         if self.compile_result is None:
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet "
                                "(or pass runtime='pytorch' to run the transformed PyTorch model).")
-        if self._session is None:
-            if self.compile_result.backend != "onnxruntime":
-                raise NotImplementedError("Running on the qaic backend needs qaicrt, which is not available here; "
-                                          "compile with backend='onnxruntime' to run on the embedded backend.")
-            self._session = OrtKVSession(self.export_result.path, self.compile_result.specializations)
+        if self._session is None or getattr(self, "_session_devices", None) != device_ids:
+            from qeff_lab.runtime import open_kv_runner  # by the compile's backend: ORT buffers or the card's
+
+            self._session = open_kv_runner(self.compile_result, device_ids=device_ids)
+            self._session_devices = device_ids
         return self._session
 
     def eos_token_ids(self, tokenizer=None) -> list[int]:
@@ -274,13 +277,14 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         return sorted(ids)
 
     def generate(self, tokenizer, prompts: Sequence[str] | str, generation_len: int | None = None,
-                 stream: bool = False, *, runtime: str = "compiled", verbose: bool = True) -> GenerationResult:
+                 stream: bool = False, *, runtime: str = "compiled", verbose: bool = True,
+                 device_ids: list[int] | None = None) -> GenerationResult:
         """Greedy generation for `prompts` (chat templates are the caller's job). Prompts beyond the compiled
         batch size run in successive batches. `generation_len=None`: as long as the context allows; longer
         than `ctx_len - prompt_len` is clamped with a warning. Returns texts, ids and metrics; prints the
         metrics like QEfficient (verbose) and streams text as it comes (stream=True: the first prompt of each
         batch live, the others when their batch ends)."""
-        runner = self.runner(runtime)
+        runner = self.runner(runtime, device_ids)
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)

@@ -28,4 +28,19 @@ def open_session(compile_result, *, device_ids: list[int] | None = None, threads
     raise ValueError(f"No session for backend {backend!r}: expected 'qaic' or 'onnxruntime'.")
 
 
-__all__ = ["open_session"]
+def open_kv_runner(compile_result, *, device_ids: list[int] | None = None, threads: int | None = None):
+    """The decoder's KV runner for runtime.generation, picked by the compile's backend: OrtKVSession (the cache in
+    ONNX Runtime buffers) or QaicKVRunner (the cache retained on the card)."""
+    if compile_result.backend == "onnxruntime" and not getattr(compile_result, "dry_run", False):
+        if device_ids is not None:
+            open_session(compile_result, device_ids=device_ids)  # raises the explanation
+        from qeff_lab.runtime.kv_session import OrtKVSession
+
+        return OrtKVSession(compile_result.onnx_path, compile_result.specializations, threads=threads)
+    session = open_session(compile_result, device_ids=device_ids, threads=threads)
+    from qeff_lab.runtime.qaic_session import QaicKVRunner
+
+    return QaicKVRunner(session, compile_result.specializations)
+
+
+__all__ = ["open_kv_runner", "open_session"]

@@ -240,6 +240,33 @@ class QaicSession:
         return f"<QaicSession devices {self.device_ids}: {len(self.input_names)} inputs, {len(self.output_names)} outputs>"
 
 
+class QaicKVRunner:
+    """A KVRunner (see runtime.generation) over a QaicSession: the decoder's KV cache stays on the card
+    (-retained-state), so a step sends only input_ids and position_ids and gets the logits back."""
+
+    backend = "qaic"
+
+    def __init__(self, session: QaicSession, specializations: list[dict[str, int]]):
+        batches = {s["batch_size"] for s in specializations}
+        ctxs = {s["ctx_len"] for s in specializations}
+        if len(batches) != 1 or len(ctxs) != 1:
+            raise ValueError(f"Specializations must share batch_size and ctx_len, got {specializations}")
+        self.session = session
+        self.batch_size, self.ctx_len = batches.pop(), ctxs.pop()
+        self.prefill_seq_len = max(s["seq_len"] for s in specializations)
+        self.steps = 0
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        out = self.session.run({"input_ids": np.asarray(input_ids, np.int64),
+                                "position_ids": np.asarray(position_ids, np.int64)})
+        self.steps += 1
+        return np.asarray(out["logits"], np.float32)
+
+    def __repr__(self) -> str:
+        return (f"<QaicKVRunner devices {self.session.device_ids}, batch {self.batch_size}, prefill "
+                f"{self.prefill_seq_len}, ctx {self.ctx_len}>")
+
+
 def session_info(compile_folder: Path) -> dict:
     """num_devices and specializations from a compile folder's qconfig.json (what QaicSession needs besides the QPC)."""
     q = json.loads((Path(compile_folder) / "qconfig.json").read_text())

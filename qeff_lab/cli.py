@@ -60,6 +60,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def int_list(text: str) -> list[int]:
+    """'32,64' -> [32, 64] (argparse type for lists of sizes)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qeff-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="embed texts with an encoder")
     p.add_argument("--model", "--model-name", dest="model", default=ENCODER_CARD, help="hub card or local folder")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls", "max", "avg", "none"])
-    p.add_argument("--seq-len", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p.add_argument("--seq-len", type=int_list, default=[32, 64, 128, 256, 512],
+                   help="compiled sequence lengths, comma-separated (default 32,64,128,256,512)")
     p.add_argument("--backend", default=None, choices=["qaic", "onnxruntime"])
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
     p.add_argument("--json", action="store_true", help="print JSON instead of a summary")
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"setup-models": cmd_setup_models, "demo": cmd_demo, "embed": cmd_embed}
 # More commands live in their own modules; each has register(subparsers), which adds its parsers and
 # sets `func` on them with set_defaults(func=...).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["qeff_lab.commands.device"]
 DEMO_EXTRAS: list = []  # more demo sections (functions of no argument), run after the encoder's
 
 

@@ -38,10 +38,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for c in result.changes:
             print(f"    {result.name}: {c.place}: {c.before} -> {c.after}")
     print(f"  compile folder: {model.compile_result.folder}")
-    print(f"  output: {output['output'].shape} first values {output['output'][0, :4].round(4).tolist()}")
+    first = " ".join(f"{v:+.4f}" for v in output["output"][0, :4])
+    print(f"  generate(tokenizer('My name is')) -> {{'output': array{tuple(output['output'].shape)}}}; first values {first}")
+    _encoder_parity(model)
     for extra in DEMO_EXTRAS:
         extra()
     return 0
+
+
+def _encoder_parity(model) -> None:
+    """Cosine similarity against sentence-transformers (the reference) on a few sentences, when installed."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        print("  (sentence-transformers not installed: parity check skipped)")
+        return
+    import numpy as np
+
+    texts = ["My name is", "The cat sits on the mat.", "Paris is the capital of France and its largest city."]
+    ours = model.embed(texts)
+    ref = SentenceTransformer(str(model.resolved.path), device="cpu").encode(texts)
+    cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    print(f"  parity vs sentence-transformers on {len(texts)} sentences: min cosine {cos.min():.6f}")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:

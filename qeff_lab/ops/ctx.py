@@ -8,10 +8,10 @@ Semantics (both definitions):
   exact zeros where the index is negative (invalid). Zeros come from `where`, never from multiplying, so a
   stale or NaN value in an unused slot cannot leak.
 
-ONNX function note: ScatterND cannot skip an index, so the function sends an invalid position to slot C-1
-carrying that slot's own current value (a no-op write). This is exact unless the same row also writes slot
-C-1 for real in the same call, which needs a prompt filling the whole context; the generation loop rejects
-such prompts (a prompt must leave room for at least one new token).
+ONNX function note: ScatterND cannot skip an index, so an invalid position repeats its row's first valid
+write (the same slot and the same value, so the order of duplicate writes cannot matter), or, in a row with
+no valid position, rewrites slot 0 with its current value. Either way it changes nothing: exact, like the
+eager reference, which sends invalid writes to a spare slot and cuts it off.
 """
 from __future__ import annotations
 
@@ -54,19 +54,27 @@ def CtxScatter(data: FLOAT, position_ids: INT64, updates: FLOAT) -> FLOAT:
     seq = op.Gather(op.Shape(position_ids), [1])
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
-    last = op.Sub(ctx_len, one)
     valid = op.And(op.GreaterOrEqual(position_ids, zero), op.Less(position_ids, ctx_len))
-    slot = op.Where(valid, position_ids, last)
+    valid_int = op.Cast(valid, to=7)
+    # An invalid position repeats the row's first valid write (same slot, same value: order cannot matter);
+    # in a row with no valid position it rewrites slot 0 with its own value.
+    first = op.ArgMax(valid_int, axis=1, keepdims=1)
+    any_valid = op.Greater(op.ReduceMax(valid_int, axes=[1], keepdims=1), zero)
+    fill_slot = op.Where(any_valid, op.GatherElements(position_ids, first, axis=1), zero)
+    slot = op.Where(valid, position_ids, fill_slot)
+    dim = op.Gather(op.Shape(updates), [3])
+    first_update = op.GatherElements(updates, op.Expand(op.Unsqueeze(first, [1, 3]), op.Concat(batch, heads, one, dim, axis=0)),
+                                     axis=2)
+    fill_value = op.Where(op.Unsqueeze(any_valid, [1, 3]), op.CastLike(first_update, data),
+                          op.Slice(data, zero, one, [2]))
+    written = op.Where(op.Unsqueeze(valid, [1, 3]), op.CastLike(updates, data), fill_value)
     index_shape = op.Concat(batch, heads, seq, one, axis=0)
     b_idx = op.Expand(op.Unsqueeze(op.Range(op.Squeeze(zero), op.Squeeze(batch), op.Squeeze(one)), [1, 2, 3]),
                       index_shape)
     h_idx = op.Expand(op.Unsqueeze(op.Range(op.Squeeze(zero), op.Squeeze(heads), op.Squeeze(one)), [0, 2, 3]),
                       index_shape)
     s_idx = op.Expand(op.Unsqueeze(slot, [1, 3]), index_shape)
-    indices = op.Concat(b_idx, h_idx, s_idx, axis=3)
-    current = op.GatherND(data, indices)
-    written = op.Where(op.Unsqueeze(valid, [1, 3]), op.CastLike(updates, data), current)
-    return op.ScatterND(data, indices, written)
+    return op.ScatterND(data, op.Concat(b_idx, h_idx, s_idx, axis=3), written)
 
 
 @onnxscript.script(CTX_DOMAIN)

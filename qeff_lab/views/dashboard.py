@@ -167,6 +167,7 @@ class Dashboard(widgets.VBox):
         return rows
 
     def refresh(self) -> None:
+        old = self.table.children
         cells: list[widgets.Widget] = []
         self.buttons = {}
         for name, status, seconds, summary in self._rows():
@@ -187,6 +188,8 @@ class Dashboard(widgets.VBox):
                       widgets.HTML(f"<span style='font-family:ui-monospace,monospace'>{_fmt_seconds(seconds)}</span>"),
                       widgets.HTML(f"<span style='color:{colour}'>{html.escape(summary)}</span>")]
         self.table.children = cells
+        for w in old:  # the rows are rebuilt: free the old widgets (front-end models included)
+            close_widget(w)
         done = sum(1 for r in self.steps.values() if r.status in ("done", "reused"))
         total = sum(r.seconds for r in self.steps.values())
         self.header.value = (f"<div style='font-size:14px'><b>{html.escape(type(self.model).__name__)}</b> "
@@ -206,7 +209,10 @@ class Dashboard(widgets.VBox):
 
     def select(self, name: str) -> None:
         self.selected = name
+        old = self.detail.children
         self.detail.children = [self.view_for(name)]
+        for w in old:
+            close_widget(w)
         for n, b in self.buttons.items():
             b.style.button_color = "#e3f2fd" if n == name else None
 
@@ -285,6 +291,19 @@ class Dashboard(widgets.VBox):
     def __repr__(self) -> str:
         steps = ", ".join(f"{n} {r.status}" for n, r in self.model.steps.items()) or "no steps"
         return f"<Dashboard {self.model.model_name}: {steps}>"
+
+
+def close_widget(w: widgets.Widget) -> None:
+    """Close a widget, its children, layout and style (and stop a graph view's netron)."""
+    for child in getattr(w, "children", ()):
+        close_widget(child)
+    stop = getattr(w, "stop", None)
+    if callable(stop) and hasattr(w, "server"):
+        stop()
+    for part in (getattr(w, "layout", None), getattr(w, "style", None)):
+        if isinstance(part, widgets.Widget):
+            part.close()
+    w.close()
 
 
 def _observed_report(step: str, running: _Running):

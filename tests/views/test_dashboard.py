@@ -178,3 +178,16 @@ def test_a_step_that_records_no_report_keeps_the_row_the_dashboard_saw(fresh_tin
     assert "run" not in got  # "generate" is the run stage
     dash.buttons["generate"].click()
     assert "<b>16 new tokens</b>" in dash.detail.children[0].value
+
+
+def test_redrawing_frees_the_old_widgets(compiled_tiny):
+    from ipywidgets.widgets.widget import _instances
+
+    dash = dashboard(compiled_tiny)
+    dash.select("load")
+    live = len(_instances)
+    for _ in range(5):
+        dash.refresh()
+        dash.buttons["compile"].click()
+        dash.buttons["load"].click()
+    assert len(_instances) == live  # rows and views are rebuilt, not piled up

@@ -1,0 +1,91 @@
+"""KV runners for the accuracy ladder: an HF causal LM behind the same `step` interface as the compiled graph,
+and a wrapper that runs any runner under emulated device numerics (fp16, MXINT8 KV cache)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from qeff_lab.precision.emulate import Fp16Emulation
+from qeff_lab.precision.mx import mxint8_qdq_cache
+
+
+class HFCausalRunner:
+    """A HuggingFace causal LM (its own dynamic cache) as a KVRunner, batch size 1: `step(ids, positions)`
+    returns the logits at the last valid position; padding (position -1) is dropped; a call starting at
+    position 0 starts a new sequence. `step_all` returns every valid position's logits (teacher forcing)."""
+
+    backend = "hf"
+
+    def __init__(self, model: torch.nn.Module, prefill_seq_len: int = 32, ctx_len: int = 1024):
+        self.model, self.prefill_seq_len, self.ctx_len, self.batch_size = model.eval(), prefill_seq_len, ctx_len, 1
+        self.cache = None
+
+    @torch.no_grad()
+    def step_all(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        if input_ids.shape[0] != 1:
+            raise ValueError("HFCausalRunner runs one sequence at a time (batch_size 1).")
+        valid = position_ids[0] >= 0
+        if not valid.any():
+            return np.zeros((1, 0, self.model.config.vocab_size), np.float32)
+        if position_ids[0, valid][0] == 0:
+            self.cache = None
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids[:, valid]))
+        out = self.model(input_ids=ids, cache=self.cache, use_cache=True)
+        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return out.logits.float().numpy()
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        return self.step_all(input_ids, position_ids)[:, -1:]
+
+    def __repr__(self) -> str:
+        return f"<HFCausalRunner {type(self.model).__name__}>"
+
+
+class EmulatedRunner:
+    """Runs `inner` with every op rounded to fp16 (`fp16`) and/or its KV cache quantize-dequantized to
+    MXINT8 after each call (`mxint8_kv`, as retained state kept in MXINT8 between steps)."""
+
+    def __init__(self, inner, fp16: bool = True, mxint8_kv: bool = False, flush_subnormals: bool = False):
+        self.inner, self.fp16, self.mxint8_kv, self.flush_subnormals = inner, fp16, mxint8_kv, flush_subnormals
+        self.batch_size, self.prefill_seq_len, self.ctx_len = inner.batch_size, inner.prefill_seq_len, inner.ctx_len
+        self.backend = f"{getattr(inner, 'backend', type(inner).__name__)}+emulated"
+        if hasattr(inner, "step_all"):
+            self.step_all = self._step_all
+
+    def _run(self, fn, input_ids, position_ids):
+        with Fp16Emulation(self.flush_subnormals) if self.fp16 else nullcontext():
+            out = fn(input_ids, position_ids)
+        if self.mxint8_kv and getattr(self.inner, "cache", None) is not None:
+            mxint8_qdq_cache(self.inner.cache)
+        return out
+
+    def step(self, input_ids, position_ids):
+        return self._run(self.inner.step, input_ids, position_ids)
+
+    def _step_all(self, input_ids, position_ids):
+        return self._run(self.inner.step_all, input_ids, position_ids)
+
+    def __repr__(self) -> str:
+        parts = (["fp16"] if self.fp16 else []) + (["MXINT8 KV"] if self.mxint8_kv else [])
+        return f"<EmulatedRunner {'+'.join(parts) or 'fp32'} over {self.inner!r}>"
+
+
+def teacher_forced_logits(runner, ids, chunk: int | None = None) -> np.ndarray:
+    """[len(ids), vocab] logits, logits[i] computed from ids[:i+1]: in chunks of the runner's prefill length
+    when it can return every position (`step_all`), else one token per call (as decode steps)."""
+    ids = np.asarray(ids, np.int64)
+    n = len(ids)
+    if n > runner.ctx_len:
+        raise ValueError(f"{n} tokens do not fit the runner's ctx_len {runner.ctx_len}.")
+    outs = []
+    if hasattr(runner, "step_all"):
+        p = chunk or runner.prefill_seq_len
+        for s in range(0, n, p):
+            part = ids[s:s + p]
+            outs.append(runner.step_all(part[None], np.arange(s, s + len(part))[None])[0])
+    else:
+        for i, tok in enumerate(ids):
+            outs.append(runner.step(np.array([[tok]]), np.array([[i]]))[0, -1:])
+    return np.concatenate(outs, 0)

@@ -1,0 +1,12 @@
+"""Precision lab: range profiling, fp16 overflow/underflow findings, fixes, and device-numerics emulation."""
+from qeff_lab.precision.analyze import PrecisionReport, analyze, weight_ranges
+from qeff_lab.precision.emulate import Fp16Emulation, fp16_weights, round_fp16
+from qeff_lab.precision.findings import Finding, Findings, find_issues
+from qeff_lab.precision.fixes import revert_safe_norm, safe_norm_transform
+from qeff_lab.precision.numerics import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, headroom_bits, tensor_stats
+from qeff_lab.precision.profile import OpRange, RangeProfile, RangeProfiler
+
+__all__ = ["FP16_MAX", "FP16_MIN_NORMAL", "FP16_MIN_SUBNORMAL", "Finding", "Findings", "Fp16Emulation", "OpRange",
+           "PrecisionReport", "RangeProfile", "RangeProfiler", "analyze", "find_issues", "fp16_weights",
+           "headroom_bits", "revert_safe_norm", "round_fp16", "safe_norm_transform", "tensor_stats",
+           "weight_ranges"]

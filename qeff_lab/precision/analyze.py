@@ -1,0 +1,136 @@
+"""`analyze(model, prompts)`: profile calibration inputs in fp32, then list the findings; one report for both."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from qeff_lab.pipeline import timed
+from qeff_lab.precision.findings import Findings, find_issues
+from qeff_lab.precision.numerics import FP16_MAX, tensor_stats
+from qeff_lab.precision.profile import RangeProfile, RangeProfiler
+
+
+@dataclass
+class PrecisionReport:
+    """A profile (every site's ranges), the findings drawn from it, and the weights' own ranges."""
+
+    profile: RangeProfile
+    findings: Findings
+    weights: pd.DataFrame = field(default_factory=pd.DataFrame)
+    inputs: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        errors = sum(f.severity == "error" for f in self.findings)
+        hidden = sum(not f.visible_at_output for f in self.findings if f.severity == "error")
+        return (f"{self.inputs} input(s), {self.tokens} tokens: {len(self.profile.records)} sites profiled, "
+                f"{errors} overflow finding(s) ({hidden} hidden inside modules)")
+
+    def __repr__(self) -> str:
+        return f"<PrecisionReport {self.summary()}>"
+
+    def _repr_html_(self) -> str:
+        from qeff_lab.views.precision import render_report
+
+        return render_report(self)
+
+
+def weight_ranges(model: torch.nn.Module) -> pd.DataFrame:
+    """Per parameter: abs max, smallest non-zero, share subnormal / flushing to zero in fp16."""
+    rows = []
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.is_floating_point():
+            continue
+        seen.add(id(p))
+        n, hi, lo, over, sub, flush, _ = tensor_stats(p)
+        rows.append({"parameter": name, "shape": tuple(p.shape), "abs_max": hi, "min_nonzero": lo, "n_over": over,
+                     "frac_subnormal": sub / n if n else 0.0, "frac_flush": flush / n if n else 0.0})
+    return pd.DataFrame(rows, columns=["parameter", "shape", "abs_max", "min_nonzero", "n_over", "frac_subnormal",
+                                       "frac_flush"])
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForCausalLM") or bool(getattr(getattr(model, "config", None),
+                                                                       "is_decoder", False))
+
+
+def _inputs_list(inputs: Any, tokenizer) -> list[dict[str, torch.Tensor]]:
+    """Normalise prompts / token tensors / tokenizer outputs to a list of {input_ids, attention_mask}."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, torch.Tensor):
+        inputs = {"input_ids": inputs}
+    if isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        ids = torch.as_tensor(inputs["input_ids"])
+        ids = ids[None] if ids.dim() == 1 else ids
+        mask = torch.as_tensor(inputs.get("attention_mask", torch.ones_like(ids)))
+        mask = mask[None] if mask.dim() == 1 else mask
+        return [{"input_ids": ids, "attention_mask": mask}]
+    if isinstance(inputs, Sequence) and inputs and all(isinstance(p, str) for p in inputs):
+        if tokenizer is None:
+            raise ValueError("analyze() got text prompts but no tokenizer: pass tokenizer=..., or token ids.")
+        out = []
+        for p in inputs:
+            enc = tokenizer(p, return_tensors="pt")
+            if enc["input_ids"].shape[1] == 0:
+                raise ValueError(f"Prompt {p!r} tokenizes to nothing; give non-empty prompts.")
+            out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        return out
+    if isinstance(inputs, Sequence) and inputs:
+        return [x for item in inputs for x in _inputs_list(item, tokenizer)]
+    raise ValueError(f"analyze() needs prompts (list of str), token ids or tokenizer output; got {type(inputs).__name__}"
+                     + (" (empty)" if isinstance(inputs, Sequence) and not inputs else ""))
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else getattr(out, "past_key_values",
+                                                                                                None)
+
+
+@torch.no_grad()
+def analyze(model: torch.nn.Module, inputs: Any, tokenizer=None, *, decode_steps: int = 0, per_step: bool = False,
+            module_outputs: bool = True, progress: bool = True, **finding_options) -> PrecisionReport:
+    """Run `inputs` (text prompts with `tokenizer`, token ids, or tokenizer output) through `model` in fp32
+    with a RangeProfiler, then draw the findings (options go to `find_issues`).
+
+    For causal LMs, `decode_steps > 0` also profiles that many greedy decode steps after each prompt
+    (with the model's cache); with `per_step=True` the profile keeps them apart (step 0 = the prompt)."""
+    from tqdm.auto import tqdm
+
+    batches = _inputs_list(inputs, tokenizer)
+    causal = _is_causal_lm(model)
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    with timed() as elapsed, RangeProfiler(model, per_step=per_step, module_outputs=module_outputs) as prof:
+        for enc in tqdm(batches, desc="profiling", disable=not progress or len(batches) < 2, leave=False):
+            if per_step:
+                prof.step = 0
+            out = model(**enc) if not (causal and decode_steps) else model(**enc, use_cache=True)
+            tokens += int(enc["attention_mask"].sum())
+            if causal and decode_steps:
+                cache, mask = _cache_of(out), enc["attention_mask"]
+                for step in range(1, decode_steps + 1):
+                    nxt = out.logits[:, -1:].argmax(-1)
+                    mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+                    if per_step:
+                        prof.step = step
+                    out = model(input_ids=nxt, attention_mask=mask, cache=cache, use_cache=True)
+                    cache = _cache_of(out)
+                    tokens += nxt.shape[0]
+    model.train(was_training)
+    profile = prof.profile()
+    findings = find_issues(profile, **finding_options)
+    return PrecisionReport(profile, findings, weight_ranges(model), len(batches), tokens, elapsed())
+
+
+def overflow_share(report: PrecisionReport) -> float:
+    """Share of profiled sites whose abs max passes the fp16 max (a one-number summary)."""
+    recs = report.profile.records
+    return sum(r.abs_max > FP16_MAX for r in recs) / len(recs) if recs else math.nan

@@ -7,7 +7,14 @@ options, the backend chosen and why, the SDK and the exact compiler command.
     result = compile_graph(onnx, [{"batch_size": 1, "seq_len": 32}], options={"mxfp6_matmul": True}, dry_run=True)
     print(result.command_line)
 """
-from qeff_lab.compile.backend import BACKENDS, CompileResult, choose_backend, compile_graph, onnx_fingerprint
+from qeff_lab.compile.backend import (
+    BACKENDS,
+    CompileResult,
+    check_compile_request,
+    choose_backend,
+    compile_graph,
+    onnx_fingerprint,
+)
 from qeff_lab.compile.command import custom_io_yaml, mdp_partition_config, plan_compile, specializations_json
 from qeff_lab.compile.options import (
     CompileOptionError,
@@ -19,7 +26,7 @@ from qeff_lab.compile.runner import CompileError, explain_failure
 from qeff_lab.compile.sdk import DeviceInfo, SdkInfo, detect_sdk
 
 __all__ = [
-    "BACKENDS", "CompileError", "CompileOptionError", "CompileOptions", "CompileResult", "DeviceInfo", "SdkInfo",
+    "BACKENDS", "CompileError", "check_compile_request", "CompileOptionError", "CompileOptions", "CompileResult", "DeviceInfo", "SdkInfo",
     "choose_backend", "compile_graph", "custom_io_yaml", "detect_sdk", "explain_failure", "mdp_partition_config",
     "onnx_fingerprint", "options_table", "plan_compile", "specializations_json", "validate_options",
 ]

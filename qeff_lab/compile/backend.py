@@ -105,6 +105,19 @@ def choose_backend(backend: str | None, sdk: SdkInfo | None = None) -> tuple[str
     return backend, "asked for explicitly"
 
 
+def check_compile_request(backend: str | None, options: dict | CompileOptions | None,
+                          where: str = "compile") -> CompileOptions:
+    """What a model's compile() calls before exporting (which can take minutes): the options are valid and, unless
+    it is a dry run, the backend asked for is available. Raises what compile_graph would, only sooner."""
+    opts = validate_options(options, where=where)
+    if not opts.dry_run:
+        choose_backend(backend)
+    elif backend == "onnxruntime":
+        raise ValueError("dry_run=True writes the AI 100 compiler's artifacts and command; with "
+                         "backend='onnxruntime' there is no compiler to dry-run. Use backend=None or 'qaic'.")
+    return opts
+
+
 _ONNX_HASHES: dict[tuple, tuple[dict, str]] = {}  # (path, size, mtime) -> (external files' stats, digest)
 
 

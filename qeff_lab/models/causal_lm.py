@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from qeff_lab.compile import CompileResult, compile_graph
+from qeff_lab.compile import CompileResult, check_compile_request, compile_graph
 from qeff_lab.models.base import QEFFBaseModel, UnsupportedModelError, param_count
 from qeff_lab.onnx.export import ExportResult, export_module
 from qeff_lab.pipeline import StepReport, timed
@@ -215,6 +215,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         limit, why = self.family.max_ctx_len(self.model.config)
         if limit and ctx_len > limit:
             raise ValueError(f"ctx_len={ctx_len} exceeds this model's {why} ({limit}); compile with ctx_len <= {limit}.")
+        check_compile_request(backend, compiler_options)  # options and backend checked before the (slow) export
         if self.export_result is None:
             self.export()
         with timed() as elapsed:

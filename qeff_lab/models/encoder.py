@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from qeff_lab.compile import CompileResult, compile_graph, validate_options
+from qeff_lab.compile import CompileResult, check_compile_request, compile_graph
 from qeff_lab.models.base import QEFFBaseModel, UnsupportedModelError, check_options, param_count
 from qeff_lab.onnx.export import ExportResult, export_module
 from qeff_lab.pipeline import StepReport, timed
@@ -133,7 +133,7 @@ class QEFFAutoModel(QEFFBaseModel):
         """Compile for each `seq_len` (one specialization each). backend None: qaic when the SDK is present,
         else ONNX Runtime. Returns the compile folder. Other options (mxfp6_matmul, num_devices, npi, mos,
         dry_run, extra_flags, ...) are validated by qeff_lab.compile.options: an unknown one is an error."""
-        options = validate_options(compiler_options, where="compile")
+        options = check_compile_request(backend, compiler_options)  # fail fast: before the export
         seq_lens = sorted({seq_len} if isinstance(seq_len, int) else set(seq_len))
         if not seq_lens or any(not isinstance(s, int) or s < 1 for s in seq_lens):
             raise ValueError(f"seq_len must be a positive int or a list of them, got {seq_len!r}")

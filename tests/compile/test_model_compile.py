@@ -79,3 +79,19 @@ def test_decoder_on_the_fake_sdk(fake_sdk, tiny_decoder):
     assert r.qconfig["specialization_names"] == ["Prefill", "Decode"]
     with pytest.raises(QaicRuntimeUnavailable):
         tiny_decoder.runner(device_ids=[1])
+
+
+def test_decoder_checks_options_and_backend_before_exporting(no_sdk, tiny_decoder):
+    with pytest.raises(TypeError, match="Did you mean 'mxint8_kv_cache'"):
+        tiny_decoder.compile(prefill_seq_len=8, ctx_len=32, mxint8=True)
+    with pytest.raises(RuntimeError, match="needs the Cloud AI 100 SDK"):
+        tiny_decoder.compile(prefill_seq_len=8, ctx_len=32, backend="qaic")
+    assert tiny_decoder.export_result is None
+
+
+def test_encoder_backend_qaic_without_sdk_fails_before_exporting(no_sdk, tiny_encoder):
+    with pytest.raises(RuntimeError, match="needs the Cloud AI 100 SDK"):
+        tiny_encoder.compile(backend="qaic")
+    with pytest.raises(ValueError, match="no compiler to dry-run"):
+        tiny_encoder.compile(backend="onnxruntime", dry_run=True)
+    assert tiny_encoder.export_result is None

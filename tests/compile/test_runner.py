@@ -54,3 +54,33 @@ def test_missing_compiler_binary_is_a_compile_error(tmp_path):
 
     with pytest.raises(CompileError, match="Could not start the compiler"):
         run_streaming([str(tmp_path / "no-such-compiler")], tmp_path / "log.txt", lambda line: None)
+
+
+def test_notebook_log_updates_one_output_area_in_place(monkeypatch):
+    """NotebookLog shows the last lines in one display, updated as lines arrive (recorded here without a kernel)."""
+    import IPython.display
+
+    from qeff_lab.compile.runner import NotebookLog
+
+    class Handle:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, obj):
+            self.updates.append(obj.data)
+
+    shown = []
+
+    def display(obj, display_id=False):
+        shown.append(obj.data)
+        return handle
+
+    handle = Handle()
+    monkeypatch.setattr(IPython.display, "display", display)
+    log = NotebookLog("qaic-compile: qaic-HASH", keep=3, every_s=0.0)
+    for i in range(5):
+        log(f"line {i} <tag>")
+    log.close()
+    assert len(shown) == 1 and len(handle.updates) == 6  # one area, updated per line and at the end
+    final = handle.updates[-1]
+    assert "line 4 &lt;tag&gt;" in final and "line 1" not in final and "(last 3 of 5 lines)" in final

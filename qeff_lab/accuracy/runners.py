@@ -84,8 +84,9 @@ def teacher_forced_logits(runner, ids, chunk: int | None = None) -> np.ndarray:
         p = chunk or runner.prefill_seq_len
         for s in range(0, n, p):
             part = ids[s:s + p]
-            outs.append(runner.step_all(part[None], np.arange(s, s + len(part))[None])[0])
+            outs.append(np.array(runner.step_all(part[None], np.arange(s, s + len(part))[None])[0]))
     else:
         for i, tok in enumerate(ids):
-            outs.append(runner.step(np.array([[tok]]), np.array([[i]]))[0, -1:])
+            # a copy: a runner may hand back a view of an output buffer that its next call overwrites
+            outs.append(np.array(runner.step(np.array([[tok]]), np.array([[i]]))[0, -1:]))
     return np.concatenate(outs, 0)

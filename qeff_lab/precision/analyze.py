@@ -104,6 +104,8 @@ def analyze(model: torch.nn.Module, inputs: Any, tokenizer=None, *, decode_steps
     from tqdm.auto import tqdm
 
     batches = _inputs_list(inputs, tokenizer)
+    if hasattr(model, "new_kv_cache"):  # a retained-state (KV-transformed) model: its own calling convention
+        return _analyze_retained(model, batches, decode_steps, per_step, module_outputs, progress, finding_options)
     causal = _is_causal_lm(model)
     was_training = model.training
     model.eval()
@@ -128,6 +130,34 @@ def analyze(model: torch.nn.Module, inputs: Any, tokenizer=None, *, decode_steps
     profile = prof.profile()
     findings = find_issues(profile, **finding_options)
     return PrecisionReport(profile, findings, weight_ranges(model), len(batches), tokens, elapsed())
+
+
+@torch.no_grad()
+def _analyze_retained(model, batches, decode_steps, per_step, module_outputs, progress, finding_options):
+    """`model(input_ids, position_ids, past) -> (logits, past)` over fixed-size cache buffers, row by row."""
+    from tqdm.auto import tqdm
+
+    tokens = 0
+    model.eval()
+    with timed() as elapsed, RangeProfiler(model, per_step=per_step, module_outputs=module_outputs) as prof:
+        for enc in tqdm(batches, desc="profiling", disable=not progress or len(batches) < 2, leave=False):
+            for row, mask in zip(enc["input_ids"], enc["attention_mask"]):
+                ids = row[mask.bool()][None]
+                n = ids.shape[1]
+                cache = model.new_kv_cache(1, n + decode_steps)
+                if per_step:
+                    prof.step = 0
+                logits, cache = model(ids, torch.arange(n)[None], cache)
+                tokens += n
+                for step in range(1, decode_steps + 1):
+                    if per_step:
+                        prof.step = step
+                    nxt = logits[:, -1:].argmax(-1)
+                    logits, cache = model(nxt, torch.tensor([[n + step - 1]]), cache)
+                    tokens += 1
+    profile = prof.profile()
+    return PrecisionReport(profile, find_issues(profile, **finding_options), weight_ranges(model), len(batches),
+                           tokens, elapsed())
 
 
 def overflow_share(report: PrecisionReport) -> float:

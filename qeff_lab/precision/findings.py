@@ -59,9 +59,9 @@ class Finding:
     @property
     def reason(self) -> str:
         if self.kind == "underflow":
-            return f"{self.op}: {self.value:.1%} of values flush to 0 in fp16"
-        return f"{self.op} reached |x| = {self.value:.3g} > fp16 max {self.limit:.0f}" if self.value > self.limit \
-            else f"{self.op} reached |x| = {self.value:.3g} (fp16 max {self.limit:.0f})"
+            return f"{self.value:.1%} of values flush to 0 in fp16"
+        return f"|x| reached {self.value:.3g} > fp16 max {self.limit:.0f}" if self.value > self.limit \
+            else f"|x| reached {self.value:.3g} (fp16 max {self.limit:.0f})"
 
 
 class Findings(list):

@@ -1,0 +1,124 @@
+"""Precision views: range heatmap, findings table, accuracy ladder table and plot. They draw reports; they compute nothing."""
+from __future__ import annotations
+
+import html
+import math
+
+import pandas as pd
+
+from qeff_lab.views.tables import COLORS, html_table
+
+SEVERITY_COLORS = {"error": COLORS["overflow"], "warning": COLORS["underflow"], "info": "#757575"}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _formatted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.apply(lambda col: col.map(_fmt)) if not df.empty else df
+
+
+def render_findings(findings, max_rows: int = 40) -> str:
+    df = findings.to_frame()
+    if df.empty:
+        return "<div><b>Findings</b>: none — every profiled value fits fp16</div>"
+    head = " ".join(f"<span style='color:{SEVERITY_COLORS[s]}'>{n} {s}</span>"
+                    for s, n in df["severity"].value_counts().items())
+    return (f"<div><b>Findings</b>: {head}</div>" + html_table(_formatted(findings.summary()), caption="by kind")
+            + html_table(_formatted(df.drop(columns=["suggestion"])), caption="places (worst first)",
+                         max_rows=max_rows))
+
+
+def render_profile(profile, max_rows: int = 20) -> str:
+    df = profile.to_frame().sort_values("headroom_bits").head(max_rows)
+    cols = ["module", "op", "abs_max", "min_nonzero", "n_over", "frac_subnormal", "frac_flush", "headroom_bits"]
+    return html_table(_formatted(df[cols]), caption=f"{profile!r} — least headroom first")
+
+
+def render_report(report) -> str:
+    return (f"<div><b>Precision report</b>: {html.escape(report.summary())}</div>"
+            + render_findings(report.findings, max_rows=15))
+
+
+def render_ladder(ladder) -> str:
+    return html_table(_formatted(ladder.summary), caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}")
+
+
+def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None, title: str = "fp16 headroom",
+                   clip_bits: float = 16.0):
+    """Layers x site, coloured by fp16 headroom in bits (log2(65504 / abs max)): red below 0 (overflow),
+    green above; a second panel shows the share of values flushing to zero (underflow) in orange.
+    Inputs are `RangeProfile.heatmap_frame("headroom_bits")` / `heatmap_frame("frac_flush")`."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
+
+    panels = 2 if underflow is not None and not underflow.empty else 1
+    width = max(6.0, 0.32 * headroom.shape[1] + 2.5)
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, max(3.0, 0.22 * headroom.shape[0] + 2)),
+                             squeeze=False)
+    cmap = LinearSegmentedColormap.from_list("headroom", [COLORS["overflow"], "#ffffff", COLORS["headroom"]])
+    data = headroom.astype(float).clip(-clip_bits, clip_bits)
+    ax = axes[0][0]
+    im = ax.imshow(data.values, aspect="auto", cmap=cmap, norm=TwoSlopeNorm(0.0, -clip_bits, clip_bits),
+                   interpolation="nearest")
+    ax.set_title(f"{title} (bits; < 0 overflows)")
+    ax.set_xticks(range(data.shape[1]), data.columns, rotation=90, fontsize=7)
+    ax.set_yticks(range(data.shape[0]), data.index, fontsize=7)
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    if panels == 2:
+        ucmap = LinearSegmentedColormap.from_list("underflow", ["#ffffff", COLORS["underflow"]])
+        ax2 = axes[0][1]
+        u = underflow.reindex(index=headroom.index, columns=headroom.columns).astype(float)
+        im2 = ax2.imshow(u.values, aspect="auto", cmap=ucmap, vmin=0, vmax=max(0.01, float(pd.Series(
+            u.values.ravel()).max(skipna=True) or 0.01)), interpolation="nearest")
+        ax2.set_title("share flushing to zero in fp16")
+        ax2.set_xticks(range(u.shape[1]), u.columns, rotation=90, fontsize=7)
+        ax2.set_yticks(range(u.shape[0]), u.index, fontsize=7)
+        fig.colorbar(im2, ax=ax2, fraction=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def profile_heatmap(profile, sites: list[str] | None = None):
+    """heatmap_figure of a RangeProfile's own layer x site tables."""
+    return heatmap_figure(profile.heatmap_frame("headroom_bits", sites), profile.heatmap_frame("frac_flush", sites))
+
+
+def ladder_figure(ladder):
+    """Token match and perplexity per rung (decoders), or min / mean cosine per rung (encoders)."""
+    import matplotlib.pyplot as plt
+
+    s = ladder.summary
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    names = list(s["rung"])
+    if ladder.kind == "encoder":
+        axes[0].bar(names, s["min_cosine"], color=COLORS["reused"])
+        axes[0].set_title("min cosine vs HF fp32")
+        axes[1].bar(names, s["max_abs_diff"], color=COLORS["underflow"])
+        axes[1].set_title("max abs difference")
+    else:
+        colors = [COLORS["done"] if v >= 0.99 else COLORS["underflow"] if v >= 0.5 else COLORS["overflow"]
+                  for v in s["token_match"]]
+        axes[0].bar(names, s["token_match"], color=colors)
+        axes[0].set_ylim(0, 1.05)
+        axes[0].set_title(f"greedy token match vs {ladder.reference}")
+        ppl = s["perplexity"].astype(float).replace([math.inf], float("nan"))
+        axes[1].bar(names, ppl, color=COLORS["reused"])
+        for i, v in enumerate(s["perplexity"]):
+            if not math.isfinite(float(v)):
+                axes[1].text(i, 0, "inf", ha="center", va="bottom", color=COLORS["overflow"])
+        axes[1].set_title(f"perplexity ({ladder.text_tokens} tokens of the shipped text)")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        for label in ax.get_xticklabels():
+            label.set_ha("right")
+    fig.tight_layout()
+    return fig

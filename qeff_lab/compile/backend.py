@@ -152,6 +152,22 @@ def onnx_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_npi_names(npi: Path | str, onnx_path: Path) -> None:
+    """Every name in the NPI YAML must be a node output of this graph: a stale NPI (from another export) would
+    otherwise fail deep in the compiler, or silently keep nothing in fp32."""
+    import yaml
+
+    data = yaml.safe_load(Path(npi).read_text()) or {}
+    names = {n for v in data.values() for n in (v or [])}
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    outputs = {o for node in proto.graph.node for o in node.output}
+    unknown = sorted(names - outputs)
+    if unknown:
+        raise ValueError(f"{npi} lists {len(unknown)} node output name(s) that {onnx_path.name} does not have, e.g. "
+                         f"{unknown[:3]}. Write the NPI YAML for this export (qeff_lab.precision.npi.write_npi_yaml "
+                         "with this ONNX), or remove those names.")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -218,6 +234,8 @@ def compile_graph(
     if not onnx_path.is_file():
         raise FileNotFoundError(f"No ONNX file at {onnx_path}: export the model first (model.export()).")
     specializations = [dict(s) for s in specializations]
+    if opts.npi is not None:
+        check_npi_names(opts.npi, onnx_path)
     sdk = sdk or detect_sdk()
     if opts.dry_run:
         if backend == "onnxruntime":

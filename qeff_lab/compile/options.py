@@ -49,6 +49,30 @@ def _existing_file(v) -> str | None:
     return None if v is None or Path(v).is_file() else f"file not found: {v}"
 
 
+NPI_KEYS = ("FP32NodeInstanceNames", "FP16NodeInstanceNames")
+
+
+def _npi_file(v) -> str | None:
+    """An NPI YAML: a mapping of FP32NodeInstanceNames / FP16NodeInstanceNames to lists of node output names."""
+    if v is None:
+        return None
+    missing = _existing_file(v)
+    if missing:
+        return missing + " (write one with qeff_lab.precision.npi.write_npi_yaml)"
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(v).read_text())
+    except yaml.YAMLError as e:
+        return f"is not valid YAML ({e})"
+    if not isinstance(data, dict) or not data or set(data) - set(NPI_KEYS):
+        return f"must be a mapping with keys among {NPI_KEYS}, got {sorted(data) if isinstance(data, dict) else data!r}"
+    for key, names in data.items():
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+            return f"{key} must be a list of node output names"
+    return None
+
+
 def _mdp_config(v) -> str | None:
     if v is None:
         return None
@@ -91,7 +115,7 @@ SPECS: list[OptionSpec] = [
                None, _positive),
     OptionSpec("mdp_config", (dict,) + PATH + NONE, None,
                "your own MDP partition config (dict or JSON path) instead of the generated one", None, _mdp_config),
-    OptionSpec("npi", PATH + NONE, None, "node-precision-info YAML (from the precision lab)", None, _existing_file),
+    OptionSpec("npi", PATH + NONE, None, "node-precision-info YAML (from the precision lab)", None, _npi_file),
     OptionSpec("specializations_format", (str,) + NONE, None,
                "'named' ({name, symbols}) or 'flat'; None: named for qaic-compile with names, flat for qaic-exec",
                None, _choice("named", "flat")),

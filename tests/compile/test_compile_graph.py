@@ -285,5 +285,23 @@ def test_npi_yaml_is_copied_and_passed(fake_sdk, tiny_onnx, tmp_path):
     r = compile_graph(tiny_onnx, SPEC, options={"npi": npi, "stream": False})
     assert (r.folder / "node_precision_info.yaml").read_text() == npi.read_text()
     assert f"-node-precision-info={r.folder}/node_precision_info.yaml" in r.command
-    npi.write_text("FP32NodeInstanceNames:\n- other\n")  # new content: a new folder
+    npi.write_text("FP32NodeInstanceNames:\n- xf\n")  # new content: a new folder
     assert compile_graph(tiny_onnx, SPEC, options={"npi": npi, "stream": False}).folder != r.folder
+
+
+def test_npi_names_must_be_node_outputs_of_this_graph(no_sdk, tiny_onnx, tmp_path, isolated_cache):
+    npi = tmp_path / "stale.yaml"
+    npi.write_text("FP32NodeInstanceNames:\n- /model/layers.0/Add_output_0\n- output\n")
+    with pytest.raises(ValueError, match=r"1 node output name\(s\) that model.onnx does not have.*Add_output_0"):
+        compile_graph(tiny_onnx, SPEC, dry_run=True, options={"npi": npi})
+    assert not (isolated_cache / "compile").exists()
+
+
+def test_npi_from_the_precision_lab_writer(no_sdk, tiny_onnx, tmp_path):
+    from qeff_lab.precision.npi import write_npi_yaml
+
+    npi = tmp_path / "npi.yaml"
+    write_npi_yaml({"xf": "cast output kept in fp32 (test)"}, npi)
+    r = compile_graph(tiny_onnx, SPEC, dry_run=True, options={"npi": npi})
+    assert f"-node-precision-info={r.folder}/node_precision_info.yaml" in r.command
+    assert "- xf" in (r.folder / "node_precision_info.yaml").read_text()

@@ -50,10 +50,16 @@ def test_names_the_caller_handles_count_as_known():
     ({"extra_flags": ["-a -b"]}, "its own item"),
     ({"extra_flags": [3]}, "list of strings"),
     ({"npi": "/no/such/npi.yaml"}, "file not found"),
+    ({"npi": "NPI:[oops"}, "not valid YAML"),
+    ({"npi": "NPI:FP32Nodes: [a]"}, "keys among"),
+    ({"npi": "NPI:FP32NodeInstanceNames: a"}, "must be a list of node output names"),
     ({"mdp_config": {"connections": []}}, "partitions"),
     ({"timeout_s": -1}, "must be > 0"),
 ])
-def test_values_are_checked(given, words):
+def test_values_are_checked(given, words, tmp_path):
+    if str(given.get("npi", "")).startswith("NPI:"):  # an NPI file with this text
+        (tmp_path / "npi.yaml").write_text(given["npi"][4:] + "\n")
+        given = {"npi": tmp_path / "npi.yaml"}
     with pytest.raises(CompileOptionError, match=None) as e:
         validate_options(given)
     assert words in str(e.value), str(e.value)

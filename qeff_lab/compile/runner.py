@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -111,8 +112,12 @@ def run_streaming(command: list[str], log_path: Path, sink: LineSink, timeout_s:
     with open(log_path, "a", encoding="utf-8") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
+        # A C/C++ program writing into a pipe buffers its stdout in blocks, so nothing would show until it
+        # exits; stdbuf (coreutils) makes its stdio line-buffered. The log shows the command as given.
+        stdbuf = shutil.which("stdbuf")
+        launch = [stdbuf, "-oL", "-eL", *command] if stdbuf else list(command)
         try:
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     errors="replace", bufsize=1, cwd=cwd)
         except OSError as e:
             raise CompileError(f"Could not start the compiler {command[0]!r}: {e}. Check the SDK installation "

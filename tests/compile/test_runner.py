@@ -84,3 +84,24 @@ def test_notebook_log_updates_one_output_area_in_place(monkeypatch):
     assert len(shown) == 1 and len(handle.updates) == 6  # one area, updated per line and at the end
     final = handle.updates[-1]
     assert "line 4 &lt;tag&gt;" in final and "line 1" not in final and "(last 3 of 5 lines)" in final
+
+
+def test_a_c_program_writing_into_the_pipe_still_streams_line_by_line(tmp_path):
+    """A real compiler is a C++ program: its stdout into a pipe is block-buffered unless stdbuf makes it
+    line-buffered. Built here from C when a C compiler is present."""
+    import shutil
+    import subprocess
+    import time
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc or not shutil.which("stdbuf"):
+        pytest.skip("needs a C compiler and coreutils' stdbuf")
+    src = tmp_path / "two_lines.c"
+    src.write_text('#include <stdio.h>\n#include <unistd.h>\n'
+                   'int main(void){ printf("first\\n"); sleep(2); printf("second\\n"); return 0; }\n')
+    subprocess.run([cc, "-o", str(tmp_path / "two_lines"), str(src)], check=True)
+    start, seen = time.monotonic(), []
+    run_streaming([str(tmp_path / "two_lines")], tmp_path / "log.txt", lambda line: seen.append(
+        (line, time.monotonic() - start)))
+    assert [line for line, _ in seen] == ["first", "second"]
+    assert seen[0][1] < 1.5 < seen[1][1]  # the first line arrived while the program was still sleeping

@@ -114,6 +114,9 @@ def run_streaming(command: list[str], log_path: Path, sink: LineSink, timeout_s:
         log.flush()
         # A C/C++ program writing into a pipe buffers its stdout in blocks, so nothing would show until it
         # exits; stdbuf (coreutils) makes its stdio line-buffered. The log shows the command as given.
+        if shutil.which(command[0]) is None:
+            raise CompileError(f"Could not start the compiler {command[0]!r}: not found or not executable. Check the "
+                               "SDK installation (or set QEFF_LAB_QAIC_ROOT to its root).", command=command)
         stdbuf = shutil.which("stdbuf")
         launch = [stdbuf, "-oL", "-eL", *command] if stdbuf else list(command)
         try:

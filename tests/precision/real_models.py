@@ -32,5 +32,6 @@ def tiny_llama(seed: int = 0, layers: int = 2):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(num_hidden_layers=layers, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=1000, max_position_embeddings=256)
+                      intermediate_size=128, vocab_size=1000, max_position_embeddings=256,
+                      tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()

@@ -57,6 +57,52 @@ class QEFFBaseModel:
             self._weights_fp = state_dict_fingerprint(self.model)
         return self._weights_fp
 
+    def analyze(self, prompts, **options):
+        """Profile calibration `prompts` (text, or token ids) in fp32 and list where fp16 would overflow or
+        underflow, by module path and op (qeff_lab.precision.analyze; options: decode_steps, per_step, ...).
+        Works before or after transforms; recorded as the "analyze" step. Returns a PrecisionReport."""
+        from qeff_lab.precision import analyze
+
+        texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                             and all(isinstance(p, str) for p in prompts))
+        report = analyze(self.model, prompts, self.tokenizer if texts else None, **options)
+        self.precision_report = report
+        self._record(StepReport("analyze", "done", report.seconds, report.summary(), report))
+        return report
+
+    def fix_precision(self, report=None) -> StepReport:
+        """Apply the precision fixes the findings call for: the overflow-safe RMSNorm / LayerNorm on the norms
+        `report` (default: the last analyze) flags, or on every norm when there is no report. Recorded as the
+        "precision-fixes" step; a later export includes them; `unfix_precision()` switches them off."""
+        from qeff_lab.pipeline import timed
+        from qeff_lab.precision import safe_norm_transform
+
+        report = report if report is not None else getattr(self, "precision_report", None)
+        only = report.findings.modules("norm-square") if report is not None else None
+        reasons = {f.module: f"{f.place}: {f.reason}" for f in report.findings.of_kind("norm-square")} if report else {}
+        with timed() as elapsed:
+            result = safe_norm_transform(self.model, only=only, reasons=reasons)
+        self._forget_artifacts()
+        return self._record(StepReport("precision-fixes", "done", elapsed(), result.summary(), [result]))
+
+    def unfix_precision(self) -> StepReport:
+        """Switch the precision fixes off again (original norm classes; weights untouched)."""
+        from qeff_lab.precision import revert_safe_norm
+
+        result = revert_safe_norm(self.model)
+        self._forget_artifacts()
+        self.steps.pop("precision-fixes", None)
+        return StepReport("precision-fixes", "skipped", 0.0, result.summary(), [result])
+
+    def precision_fix_key(self) -> list[str]:
+        """What the precision fixes changed, for export cache keys (a fixed graph is a different file)."""
+        return [f"SafeNorm:{path}" for path, m in self.model.named_modules() if getattr(type(m), "_qeff_safe_norm", False)]
+
+    def _forget_artifacts(self) -> None:
+        for name in ("export_result", "compile_result", "_session"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+
     def _record(self, report: StepReport) -> StepReport:
         self.steps[report.step] = report
         return report

@@ -170,7 +170,8 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 axes[name] = {0: "batch_size", 2: "ctx_len"}
                 axes[name + RETAINED_SUFFIX] = {0: "batch_size", 2: "ctx_len"}
             key = {"kind": "causal_lm", "family": self.family.model_type, "config": self.model.config.to_dict(),
-                   "weights": self.weights_fingerprint(), "transforms": ["RetainedStateKVCache"],
+                   "weights": self.weights_fingerprint(),
+                   "transforms": ["RetainedStateKVCache", *self.precision_fix_key()],
                    "code": _code_fingerprint(self.family)}
             result = export_module(KVExportWrapper(self.model).eval(), example, outputs, axes, key,
                                    name=_safe_name(self.model_name), external_data=external_data)

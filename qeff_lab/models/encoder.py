@@ -113,7 +113,8 @@ class QEFFAutoModel(QEFFBaseModel):
             example = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
             out_axes = {0: "batch_size"} if self.pooling is not None else {0: "batch_size", 1: "seq_len"}
             key = {"kind": "encoder", "config": self.model.config.to_dict(), "weights": self.weights_fingerprint(),
-                   "transforms": self.transforms_applied, "pooling": pooling_key(self.pooling)}
+                   "transforms": self.transforms_applied + self.precision_fix_key(),
+                   "pooling": pooling_key(self.pooling)}
             result = export_module(
                 wrapper, example, ["output"],
                 {"input_ids": {0: "batch_size", 1: "seq_len"}, "attention_mask": {0: "batch_size", 1: "seq_len"},

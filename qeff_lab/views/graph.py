@@ -14,6 +14,7 @@ import ipywidgets as widgets
 from qeff_lab.onnx.inspect import GraphReport, graph_report, weightless_copy
 from qeff_lab.views.tables import COLORS, html_table
 
+LARGE_LAYOUT = 2000  # nodes: above this netron's in-browser layout takes a minute or more
 WEIGHTLESS_ABOVE = 32 << 20  # serve netron a weights-free copy of graphs larger than this (browsers choke on GBs)
 _servers: "set[NetronServer]" = set()
 _lock = threading.Lock()
@@ -47,12 +48,17 @@ class NetronServer:
     `url` is what the browser should load: `http://127.0.0.1:<port>/` when the browser runs on this machine, or
     `<JUPYTERHUB_SERVICE_PREFIX>proxy/<port>/` behind jupyter-server-proxy (Binder, JupyterHub).
     `stop()` ends it; every server still running is stopped when the kernel exits.
+    With `outputs`, netron gets only the part of the graph that computes those tensors (weights left out).
     """
 
-    def __init__(self, path: str | Path, weightless: bool | None = None, scratch: Path | None = None):
+    def __init__(self, path: str | Path, weightless: bool | None = None, scratch: Path | None = None,
+                 outputs: list[str] | None = None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"No ONNX file at {self.path}: export the model first (model.export()).")
+        self.outputs = list(outputs) if outputs else None
+        if self.outputs:
+            weightless = True
         if weightless is None:
             weightless = self.path.stat().st_size > WEIGHTLESS_ABOVE or self.path.with_name(
                 self.path.name + ".data").exists()
@@ -66,8 +72,11 @@ class NetronServer:
             return self.path
         from qeff_lab.pipeline import cache_root
 
+        from qeff_lab.pipeline import fingerprint
+
         base = self._scratch or cache_root() / "netron"
-        return base / f"{self.path.parent.name}-{self.path.stem}-weightless.onnx"
+        part = f"-part-{fingerprint(self.outputs)[:8]}" if self.outputs else ""
+        return base / f"{self.path.parent.name}-{self.path.stem}-weightless{part}.onnx"
 
     def start(self) -> "NetronServer":
         import netron
@@ -77,7 +86,7 @@ class NetronServer:
         _quiet_netron_logger()
         served = self.served_path
         if self.weightless and not (served.is_file() and served.stat().st_mtime_ns >= self.path.stat().st_mtime_ns):
-            weightless_copy(self.path, served)
+            weightless_copy(self.path, served, outputs=self.outputs)
         with _no_root_basic_config():
             self.address = netron.start(str(served), address=("127.0.0.1", 0), browse=False)
         with _lock:
@@ -173,8 +182,10 @@ def passes_html(report: GraphReport) -> str:
 class GraphView(widgets.VBox):
     """netron (when started) beside the op-count and I/O tables. `stop()` ends its netron server."""
 
-    def __init__(self, report: GraphReport, netron: bool = True, height: int = 520):
+    def __init__(self, report: GraphReport, netron: bool = True, height: int = 520,
+                 netron_outputs: list[str] | None = None):
         self.report = report
+        self.netron_outputs = list(netron_outputs) if netron_outputs else None
         self.server: NetronServer | None = None
         self.height = height
         self.frame = widgets.HTML(layout=widgets.Layout(width="62%"))
@@ -202,12 +213,20 @@ class GraphView(widgets.VBox):
 
     def start(self) -> None:
         if self.server is None:
-            self.server = NetronServer(self.report.path)
+            self.server = NetronServer(self.report.path, outputs=self.netron_outputs)
         self.server.start()
         note = ""
-        if self.server.weightless:
+        if self.netron_outputs:
+            note = (f"<div style='font-size:11px;color:{COLORS['muted']}'>netron shows the part of the graph that "
+                    f"computes {html.escape(', '.join(self.netron_outputs))}, weights left out; "
+                    f"the tables show all {self.report.nodes} nodes</div>")
+        elif self.server.weightless:
             note = (f"<div style='font-size:11px;color:{COLORS['muted']}'>structure only: weights left out of the copy "
                     "netron shows, so the browser loads kilobytes, not the model</div>")
+        if not self.netron_outputs and self.report.nodes > LARGE_LAYOUT:
+            note += (f"<div style='font-size:11px;color:{COLORS['muted']}'>netron lays out {self.report.nodes} nodes "
+                     "slowly (a minute or more); graph_view(model, netron_outputs=[...]) shows just the part "
+                     "that computes some outputs</div>")
         if proxy_prefix() is not None:
             note += (f"<div style='font-size:11px;color:{COLORS['muted']}'>served through jupyter-server-proxy "
                      "(JUPYTERHUB_SERVICE_PREFIX)</div>")
@@ -225,7 +244,10 @@ class GraphView(widgets.VBox):
         return f"<GraphView {self.report.path.name}: {self.report.nodes} nodes; {state}>"
 
 
-def graph_view(source, netron: bool = True, height: int = 520) -> GraphView:
-    """The graph view of a model (after export), an ExportResult, an .onnx path, or a GraphReport."""
+def graph_view(source, netron: bool = True, height: int = 520, netron_outputs: list[str] | None = None) -> GraphView:
+    """The graph view of a model (after export), an ExportResult, an .onnx path, or a GraphReport.
+
+    `netron=True` starts netron at once (else a button does); `netron_outputs` limits what netron draws to the part
+    of the graph that computes those tensors (e.g. one decoder layer's cache), which it lays out in seconds."""
     report = source if isinstance(source, GraphReport) else graph_report(source)
-    return GraphView(report, netron=netron, height=height)
+    return GraphView(report, netron=netron, height=height, netron_outputs=netron_outputs)

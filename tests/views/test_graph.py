@@ -116,3 +116,23 @@ def test_stop_all_ends_every_server(compiled_tiny):
     servers = [NetronServer(compiled_tiny.export_result.path).start() for _ in range(2)]
     assert stop_all() >= 2
     assert not any(s.running for s in servers)
+
+
+def test_netron_can_show_just_the_part_that_computes_some_outputs(compiled_tiny, tmp_path):
+    src = compiled_tiny.export_result.path
+    full = onnx.load(str(src))
+    target = next(n for n in full.graph.node if n.op_type == "MatMul").output[0]  # the first layer's first matmul
+    with NetronServer(src, scratch=tmp_path, outputs=[target]) as server:
+        assert server.weightless
+        status, data = get(server.url + "data/" + server.served_path.name)
+        part = onnx.load_from_string(data)
+    assert [o.name for o in part.graph.output] == [target]
+    assert 0 < len(part.graph.node) < len(full.graph.node) / 4
+    assert [i.name for i in part.graph.input] == ["input_ids"]  # the mask does not feed the first projection
+    with pytest.raises(ValueError, match="No tensor named 'nope' in this graph; its outputs include output"):
+        weightless_copy(src, tmp_path / "x.onnx", outputs=["nope"])
+    view = graph_view(compiled_tiny, netron_outputs=[target])
+    try:
+        assert f"computes {target}" in view.frame.value and "<iframe" in view.frame.value
+    finally:
+        view.stop()

@@ -28,6 +28,12 @@ def make_tiny_onnx(path: Path, scale: float = 2.0) -> Path:
 
 
 @pytest.fixture
+def make_onnx():
+    """make_tiny_onnx, for tests that need more than one graph."""
+    return make_tiny_onnx
+
+
+@pytest.fixture
 def tiny_onnx(tmp_path) -> Path:
     return make_tiny_onnx(tmp_path / "export" / "model.onnx")
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_onnx
 from qeff_lab.compile import CompileError, CompileOptionError, compile_graph
 
 SPEC = [{"batch_size": 1, "seq_len": 8}]
@@ -84,12 +83,12 @@ def test_missing_onnx_is_a_clear_error(no_sdk, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the folder's name
-def test_folder_hash_covers_command_files_and_onnx(no_sdk, tiny_onnx, tmp_path):
+def test_folder_hash_covers_command_files_and_onnx(no_sdk, tiny_onnx, tmp_path, make_onnx):
     base = compile_graph(tiny_onnx, SPEC)
     assert compile_graph(tiny_onnx, SPEC).folder == base.folder
     assert compile_graph(tiny_onnx, SPEC).reused
-    other_onnx = make_tiny_onnx(tmp_path / "other" / "model.onnx", scale=3.0)
-    same_onnx_elsewhere = make_tiny_onnx(tmp_path / "copy" / "model.onnx", scale=2.0)
+    other_onnx = make_onnx(tmp_path / "other" / "model.onnx", scale=3.0)
+    same_onnx_elsewhere = make_onnx(tmp_path / "copy" / "model.onnx", scale=2.0)
     folders = {
         "base": base.folder,
         "options": compile_graph(tiny_onnx, SPEC, mxfp6_matmul=True).folder,

@@ -111,8 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"setup-models": cmd_setup_models, "demo": cmd_demo, "embed": cmd_embed}
 # More commands live in their own modules; each has register(subparsers), which adds its parsers and
 # sets `func` on them with set_defaults(func=...).
-COMMAND_MODULES: list[str] = ["qeff_lab.commands.device"]
-DEMO_EXTRAS: list = []  # more demo sections (functions of no argument), run after the encoder's
+COMMAND_MODULES: list[str] = ["qeff_lab.commands.device", "qeff_lab.commands.infer"]
+
+
+def _causal_lm_demo() -> None:
+    from qeff_lab.commands.infer import demo
+
+    demo()
+
+
+DEMO_EXTRAS: list = [_causal_lm_demo]  # more demo sections (functions of no argument), run after the encoder's
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,3 +16,10 @@ def minilm_path():
     from qeff_lab.loading import resolve
 
     return resolve(MINILM).path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from qeff_lab.loading import resolve
+
+    return resolve(SMOLLM2).path

@@ -187,6 +187,7 @@ class KVCausalLM:
         hidden, new_past = getattr(self, self.base_name)(input_ids, position_ids, past_key_values)
         last = position_ids.argmax(dim=1, keepdim=True)  # [B,1]
         hidden = torch.gather(hidden, 1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        hidden = hidden.reshape(-1, hidden.shape[-1])[:, None]  # a static 1 in the graph: logits [B, 1, vocab]
         logits = self.final_logits(getattr(self, self.head_name)(hidden))
         return logits.to(torch.float32), new_past
 

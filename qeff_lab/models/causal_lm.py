@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,15 +29,13 @@ def supported_families() -> str:
 
 def _code_fingerprint(family: Family) -> str:
     """Hash of the source that shapes the exported graph: the ops, the shared blocks, the family's file."""
-    import qeff_lab.ops.ctx
-    import qeff_lab.ops.rms_norm
-    import qeff_lab.transforms.kv_cache
+    import importlib
 
-    modules = [qeff_lab.ops.ctx, qeff_lab.ops.rms_norm, qeff_lab.transforms.kv_cache,
-               sys.modules[next(iter(family.swaps.values())).__module__]]
+    names = ["qeff_lab.ops.ctx", "qeff_lab.ops.rms_norm", "qeff_lab.transforms.kv_cache",
+             next(iter(family.swaps.values())).__module__]
     h = hashlib.sha256()
-    for m in modules:
-        h.update(inspect.getsource(m).encode())
+    for name in names:  # by module name: qeff_lab.ops.rms_norm the attribute is the function, not the module
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()[:16]
 
 

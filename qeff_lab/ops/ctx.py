@@ -47,11 +47,7 @@ def ctx_gather_reference(data: torch.Tensor, ctx_indices: torch.Tensor) -> torch
 # ----------------------------------------------------------------------------- ONNX functions
 @onnxscript.script(CTX_DOMAIN)
 def CtxScatter(data: FLOAT, position_ids: INT64, updates: FLOAT) -> FLOAT:
-    shape = op.Shape(data)
-    batch = op.Gather(shape, [0])
-    heads = op.Gather(shape, [1])
-    ctx_len = op.Gather(shape, [2])
-    seq = op.Gather(op.Shape(position_ids), [1])
+    ctx_len = op.Gather(op.Shape(data), [2])
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
     valid = op.And(op.GreaterOrEqual(position_ids, zero), op.Less(position_ids, ctx_len))
@@ -62,19 +58,13 @@ def CtxScatter(data: FLOAT, position_ids: INT64, updates: FLOAT) -> FLOAT:
     any_valid = op.Greater(op.ReduceMax(valid_int, axes=[1], keepdims=1), zero)
     fill_slot = op.Where(any_valid, op.GatherElements(position_ids, first, axis=1), zero)
     slot = op.Where(valid, position_ids, fill_slot)
-    dim = op.Gather(op.Shape(updates), [3])
-    first_update = op.GatherElements(updates, op.Expand(op.Unsqueeze(first, [1, 3]), op.Concat(batch, heads, one, dim, axis=0)),
-                                     axis=2)
+    update_shape = op.Shape(updates)
+    first_shape = op.Concat(op.Slice(update_shape, zero, [2]), one, op.Slice(update_shape, [3], [4]), axis=0)
+    first_update = op.GatherElements(updates, op.Expand(op.Unsqueeze(first, [1, 3]), first_shape), axis=2)
     fill_value = op.Where(op.Unsqueeze(any_valid, [1, 3]), op.CastLike(first_update, data),
                           op.Slice(data, zero, one, [2]))
     written = op.Where(op.Unsqueeze(valid, [1, 3]), op.CastLike(updates, data), fill_value)
-    index_shape = op.Concat(batch, heads, seq, one, axis=0)
-    b_idx = op.Expand(op.Unsqueeze(op.Range(op.Squeeze(zero), op.Squeeze(batch), op.Squeeze(one)), [1, 2, 3]),
-                      index_shape)
-    h_idx = op.Expand(op.Unsqueeze(op.Range(op.Squeeze(zero), op.Squeeze(heads), op.Squeeze(one)), [0, 2, 3]),
-                      index_shape)
-    s_idx = op.Expand(op.Unsqueeze(slot, [1, 3]), index_shape)
-    return op.ScatterND(data, op.Concat(b_idx, h_idx, s_idx, axis=3), written)
+    return op.ScatterElements(data, op.Expand(op.Unsqueeze(slot, [1, 3]), op.Shape(written)), written, axis=2)
 
 
 @onnxscript.script(CTX_DOMAIN)
@@ -82,10 +72,10 @@ def CtxGather(data: FLOAT, ctx_indices: INT64) -> FLOAT:
     zero = op.Constant(value_ints=[0])
     valid = op.GreaterOrEqual(ctx_indices, zero)
     safe = op.Where(valid, ctx_indices, zero)
-    bh = op.Slice(op.Shape(data), [0], [2], [0])
-    k = op.Gather(op.Shape(ctx_indices), [1])
-    index = op.Expand(op.Unsqueeze(safe, [1]), op.Concat(bh, k, axis=0))
-    out = op.GatherND(data, op.Unsqueeze(index, [3]), batch_dims=2)
+    shape = op.Shape(data)
+    index_shape = op.Concat(op.Slice(shape, [0], [2]), op.Gather(op.Shape(ctx_indices), [1]),
+                            op.Slice(shape, [3], [4]), axis=0)
+    out = op.GatherElements(data, op.Expand(op.Unsqueeze(safe, [1, 3]), index_shape), axis=2)
     return op.Where(op.Unsqueeze(valid, [1, 3]), out, op.CastLike(op.Constant(value_float=0.0), data))
 
 

@@ -23,10 +23,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, epsilon: float) ->
 
 @onnxscript.script(RMS_DOMAIN)
 def CustomRMSNorm(hidden_states: FLOAT, weight: FLOAT, epsilon: float) -> FLOAT:
+    # Written in the form ONNX Runtime fuses into one SimplifiedLayerNormalization kernel.
     x = op.Cast(hidden_states, to=1)
-    variance = op.ReduceMean(op.Mul(x, x), axes=[-1], keepdims=1)
-    inv = op.Reciprocal(op.Sqrt(op.Add(variance, op.CastLike(epsilon, variance))))
-    return op.Mul(weight, op.CastLike(op.Mul(x, inv), hidden_states))
+    variance = op.ReduceMean(op.Pow(x, op.Constant(value_float=2.0)), axes=[-1], keepdims=1)
+    normed = op.Div(x, op.Sqrt(op.Add(variance, op.CastLike(epsilon, variance))))
+    return op.Mul(op.CastLike(normed, hidden_states), weight)
 
 
 class _CustomRMSNorm(torch.autograd.Function):

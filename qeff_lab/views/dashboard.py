@@ -289,8 +289,12 @@ class Dashboard(widgets.VBox):
             return running.result
 
     def __repr__(self) -> str:
-        steps = ", ".join(f"{n} {r.status}" for n, r in self.model.steps.items()) or "no steps"
-        return f"<Dashboard {self.model.model_name}: {steps}>"
+        # Short (front ends cut widget reprs at 110 characters) and the same on every run: step names, no
+        # statuses or times ("reused" or "done" depends on the artifact cache).
+        name = self.model.model_name.rsplit("/", 1)[-1]
+        steps = ", ".join(self.steps) or "no steps"
+        text = f"<Dashboard {name}: {steps}>"
+        return text if len(text) <= 100 else f"<Dashboard {name}: {len(self.steps)} steps>"
 
 
 def close_widget(w: widgets.Widget) -> None:

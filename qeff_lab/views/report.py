@@ -67,8 +67,10 @@ def findings_frame(details: Any) -> pd.DataFrame | None:
         findings = details.get("findings")
     if callable(findings):
         findings = findings()
+    if hasattr(findings, "to_frame"):  # e.g. precision.Findings: its owner chose the columns
+        findings = findings.to_frame()
     if isinstance(findings, pd.DataFrame):
-        return findings
+        return findings if len(findings) else None
     if not findings:
         return None
     rows = [f if isinstance(f, dict) else (vars(f) if hasattr(f, "__dict__") else {"finding": str(f)})
@@ -76,8 +78,10 @@ def findings_frame(details: Any) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def findings_html(frame: pd.DataFrame) -> str:
-    """Findings as a table whose severity cells carry the palette's colours."""
+def findings_html(frame: pd.DataFrame, max_rows: int = 200) -> str:
+    """Findings as a table whose severity cells carry the palette's colours (worst first, as given)."""
+    total = len(frame)
+    frame = frame.head(max_rows)
     key = next((c for c in ("severity", "kind", "level") if c in frame.columns), None)
     head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{html.escape(str(c))}</th>" for c in frame.columns)
     rows = []
@@ -88,8 +92,22 @@ def findings_html(frame: pd.DataFrame) -> str:
             style = CELL_STYLE + (f";color:white;background:{colour}" if c == key and colour else "")
             cells.append(f"<td style='{style}'>{html.escape(str(row[c]))}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
+    more = f"<div class='meta'>… {total - max_rows} more</div>" if total > max_rows else ""
     return (f"<table class='qeff-findings' style='{TABLE_STYLE}'><caption style='text-align:left;font-weight:bold'>"
-            f"findings ({len(frame)})</caption><tr>{head}</tr>{''.join(rows)}</table>")
+            f"findings ({total})</caption><tr>{head}</tr>{''.join(rows)}</table>{more}")
+
+
+def _precision_figures(report) -> list:
+    """The precision lab's heatmap (layers x op, fp16 headroom; underflow beside it) for an analyze step."""
+    profile = getattr(report.details, "profile", None)
+    if profile is None:
+        return []
+    from qeff_lab.views.precision import profile_heatmap
+
+    return [profile_heatmap(profile)]
+
+
+FIGURES["analyze"] = _precision_figures
 
 
 def _step_figures(report) -> list:

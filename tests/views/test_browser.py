@@ -162,12 +162,12 @@ def test_tour_runs_and_the_dashboard_renders(tour_page):
     final.scroll_into_view_if_needed()
     buttons = final.locator(".qeff-step-button")
     names = [t.strip() for t in buttons.all_inner_texts()]
-    for step in ("load", "transform", "export", "└ onnx passes", "compile", "generate"):
+    for step in ("load", "transform", "analyze", "export", "└ onnx passes", "compile", "generate"):
         assert step in names, names
-    assert buttons.count() == 8  # 6 run (onnx passes included), analyze and compare pending, nothing else
+    assert buttons.count() == 8  # 7 run (onnx passes included), compare pending, nothing else
     steps_text = final.locator(".qeff-dashboard-steps").inner_text()
     assert "LlamaForCausalLM, 30 layers" in steps_text and "onnxruntime" in steps_text
-    assert "running" not in steps_text and "failed" not in steps_text
+    assert "running" not in steps_text and "failed" not in steps_text and "overflow finding(s)" in steps_text
     # the compile view was opened (dash.select) in the notebook; a click in the browser opens the load view
     assert "specializations" in final.locator(".qeff-dashboard-detail").inner_text()
     final.locator(".qeff-step-button", has_text="load").click()
@@ -210,13 +210,14 @@ def test_static_report_opens_offline_with_tables_and_plots(tour_page, lab, brows
     page = context.new_page()
     page.on("request", lambda r: requested.append(r.url))
     page.goto(report.as_uri(), wait_until="load", timeout=30_000)
-    assert page.locator("table.qeff-steps tr").count() == 1 + 4  # header + load, transform, export, compile
+    assert page.locator("table.qeff-steps tr").count() == 1 + 5  # header + load, transform, analyze, export, compile
+    assert page.locator("table.qeff-findings tr").count() > 10  # SmolLM2's RMSNorms that overflow inside
     assert page.locator("table").count() >= 6
     images = page.locator("img.plot")
-    assert images.count() >= 1
+    assert images.count() >= 2  # time per step, the fp16 headroom heatmap
     widths = page.evaluate("() => Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
     assert widths and all(w > 100 for w in widths), widths  # every plot decoded (a broken image has width 0)
-    assert page.locator("section").count() == 4
+    assert page.locator("section").count() == 5
     assert "op counts before / after the ONNX passes" in page.inner_text("body")
     assert requested == [report.as_uri()], requested  # nothing but the file itself: no CDN, no fonts, no scripts
     page.screenshot(path=str(ARTIFACTS / "tour-report.png"), full_page=True)

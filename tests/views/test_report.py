@@ -90,11 +90,12 @@ def test_findings_and_step_figures_appear_when_present():
     model._record(StepReport("analyze", "done", 2.0, "2 findings", Analysis([
         Finding("model.layers.7.input_layernorm", "pow", 4.8e8, 65504.0, "overflow", "overflow-safe RMSNorm"),
         Finding("model.layers.2.mlp", "mul", 3e-9, 6.1e-5, "underflow", "fp32 island")])))
+    default = FIGURES["analyze"]
     FIGURES["analyze"] = lambda report: [Analysis([]).figures()[0]]
     try:
         text = report_html(model)
     finally:
-        del FIGURES["analyze"]
+        FIGURES["analyze"] = default
     page = Page(text)
     (table,) = page.all("table", "qeff-findings")
     assert "findings (2)" in "".join(page.text)
@@ -109,3 +110,28 @@ def test_a_model_with_no_steps_is_a_clear_error(fresh_tiny):
     fresh_tiny.steps.clear()
     with pytest.raises(ValueError, match="has no steps recorded yet"):
         report_html(fresh_tiny)
+
+
+def test_precision_report_of_a_real_analyze_shows_findings_and_the_heatmap(tmp_path):
+    """A tiny random Llama, analyzed by the precision lab: its findings table and heatmap reach the report."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qeff_lab import QEFFAutoModelForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, vocab_size=256,
+                                      max_position_embeddings=128)).eval()
+    with torch.no_grad():  # a residual stream as large as SmolLM2's massive activations: x*x overflows fp16
+        hf.model.embed_tokens.weight[5].fill_(2.0e4)
+    model = QEFFAutoModelForCausalLM.from_model(hf, name="tiny-llama")
+    report = model.analyze(torch.tensor([[1, 5, 7, 9]]), progress=False)
+    assert any(f.kind == "norm-square" for f in report.findings)
+    text = model.report(tmp_path / "r.html").read_text()
+    page = Page(text)
+    assert len(page.all("table", "qeff-findings")) == 1
+    assert f"findings ({len(report.findings)})" in "".join(page.text)
+    assert f"background:{COLORS['failed']}'>error</td>" in text  # severity "error" in the palette's red
+    alts = [a["alt"] for a in page.all("img", "plot")]
+    assert alts == ["time per step", "analyze plot 1"]  # durations, then the precision heatmap

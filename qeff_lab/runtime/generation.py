@@ -185,7 +185,8 @@ def generate_ids(
     batches = [list(range(s, min(s + B, len(prompt_ids)))) for s in range(0, len(prompt_ids), B)]
     metrics.batches = len(batches)
     start = time.perf_counter()
-    bar = tqdm(batches, desc="generate", unit="batch", disable=not (progress if progress is not None else len(batches) > 1))
+    # progress=None: a bar only for long runs (several batches); short ones stay quiet (clean notebook output)
+    bar = tqdm(batches, desc="generate", unit="batch", disable=not (progress if progress is not None else len(batches) > 3))
     for batch in bar:
         rows = [prompt_ids[i] for i in batch]
         row_limits = [limits[i] for i in batch] + [0] * (B - len(batch))  # filler rows run with position -1 only

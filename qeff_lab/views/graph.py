@@ -241,7 +241,7 @@ class GraphView(widgets.VBox):
 
     def __repr__(self) -> str:
         state = "netron running" if self.server is not None and self.server.running else "netron stopped"
-        return f"<GraphView {self.report.path.name}: {self.report.nodes} nodes; {state}>"
+        return f"<GraphView {self.report.path.name}: {state}>"  # node counts are in the view, not the repr
 
 
 def graph_view(source, netron: bool = True, height: int = 520, netron_outputs: list[str] | None = None) -> GraphView:

@@ -5,10 +5,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.qeff_lab-installed
 export HF_HUB_OFFLINE ?= 1
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-unit test-notebooks bench clean-cache
+.PHONY: setup demo test bench clean-cache
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,12 +25,13 @@ demo: setup
 	$(PY) -m qeff_lab.cli demo
 
 test: setup
-	$(PY) -m pytest -q tests
+	MPLBACKEND=Agg $(PY) -m pytest -q tests
+	# notebooks keep the inline backend (MPLBACKEND would override it and drop their stored figures)
 	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
 		--nbval-cell-timeout=600 -p no:cacheprovider notebooks/
 
 bench: setup
-	$(PY) benchmarks/bench_encoder.py
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-cache:
 	rm -rf $${QEFF_LAB_CACHE:-$$HOME/.cache/qeff_lab}

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from qeff_lab.accuracy.metrics import cosine_similarity, first_divergence, logit_errors, perplexity, token_match_rate
-from qeff_lab.accuracy.runners import EmulatedRunner, HFCausalRunner, teacher_forced_logits
+from qeff_lab.accuracy.runners import EmulatedRunner, HFCausalRunner, RetainedStateRunner, teacher_forced_logits
 from qeff_lab.precision.emulate import Fp16Emulation, fp16_weights
 from qeff_lab.precision.fixes import revert_safe_norm, safe_norm_transform
 from qeff_lab.precision.mx import mxfp6_weights
@@ -125,11 +125,9 @@ def causal_lm_rungs(hf_model: torch.nn.Module, qeff_model=None, *, fixes: Sequen
     is no ONNX Runtime rung. `fixes`: module paths for the safe-norm fix (e.g.
     `report.findings.modules("norm-square")`); None: every norm. The fp16 rungs share one fp16 copy of the
     transformed model, changed in order (fix on, MXFP6 weights)."""
-    from qeff_lab.runtime.generation import TorchKVRunner
-
     def kv_runner(model):
         if qeff_model is not None:
-            return TorchKVRunner(model, 1, prefill_seq_len, ctx_len)
+            return RetainedStateRunner(model, prefill_seq_len, ctx_len)
         return HFCausalRunner(model, prefill_seq_len, ctx_len)
 
     state: dict[str, Any] = {}

@@ -43,6 +43,33 @@ class HFCausalRunner:
         return f"<HFCausalRunner {type(self.model).__name__}>"
 
 
+class RetainedStateRunner:
+    """A retained-state (KV-transformed) model as a KVRunner, batch size 1, that can also return every
+    valid position's logits (`step_all`): it runs the model's decoder stack and head directly, so teacher
+    forcing goes a chunk per call instead of a token per call. Same blocks, cache buffers and masks as
+    the model's own forward (which keeps only the last position's logits)."""
+
+    backend = "pytorch"
+
+    def __init__(self, model: torch.nn.Module, prefill_seq_len: int = 32, ctx_len: int = 1024):
+        self.model, self.prefill_seq_len, self.ctx_len, self.batch_size = model.eval(), prefill_seq_len, ctx_len, 1
+        self.cache = model.new_kv_cache(1, ctx_len)
+
+    @torch.no_grad()
+    def step_all(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        m = self.model
+        hidden, self.cache = getattr(m, m.base_name)(torch.from_numpy(input_ids), torch.from_numpy(position_ids),
+                                                     self.cache)
+        logits = m.final_logits(getattr(m, m.head_name)(hidden)).float()
+        return logits[:, torch.from_numpy(position_ids[0] >= 0)].numpy()
+
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        return self.step_all(input_ids, position_ids)[:, -1:]
+
+    def __repr__(self) -> str:
+        return f"<RetainedStateRunner {type(self.model).__name__}, ctx {self.ctx_len}>"
+
+
 class EmulatedRunner:
     """Runs `inner` with every op rounded to fp16 (`fp16`) and/or its KV cache quantize-dequantized to
     MXINT8 after each call (`mxint8_kv`, as retained state kept in MXINT8 between steps)."""

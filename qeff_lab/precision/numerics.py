@@ -10,7 +10,6 @@ FP16_MIN_NORMAL = 2.0**-14  # ~6.1e-5; below this fp16 is subnormal (fewer signi
 FP16_MIN_SUBNORMAL = 2.0**-24  # ~6e-8
 FLUSH_LIMIT = 2.0**-25  # |x| <= this rounds to 0 in fp16 (round-to-nearest-even: the tie goes to 0)
 
-_BOUNDS = torch.tensor([FLUSH_LIMIT, FP16_MIN_NORMAL, FP16_MAX], dtype=torch.float32)
 
 
 def headroom_bits(abs_max: float) -> float:
@@ -22,28 +21,45 @@ def headroom_bits(abs_max: float) -> float:
     return math.log2(FP16_MAX / abs_max)
 
 
+CHUNK = 1 << 18  # elements per pass: temporaries stay ~1-2 MB whatever the tensor's size
+
+
 @torch.no_grad()
 def tensor_stats(t: torch.Tensor) -> tuple[int, float, float, int, int, int, int]:
     """(numel, abs max, smallest non-zero abs, n above fp16 max, n fp16-subnormal, n flushing to zero,
-    n non-finite) of a float tensor, in a few passes and without keeping anything.
+    n non-finite) of a float tensor, in a few passes over chunks of CHUNK elements, keeping nothing.
 
     "Subnormal" counts values that land in fp16's subnormal range and survive (FLUSH_LIMIT < |x| <= 2^-14);
     "flush" counts non-zero values that fp16 rounds to 0 (0 < |x| <= 2^-25). Non-finite values (inf/NaN
     already in fp32) are counted in n_nonfinite and as above the fp16 max.
     """
-    a = t.detach().reshape(-1)
-    if a.dtype != torch.float32:
-        a = a.float()
-    a = a.abs()
-    n = a.numel()
+    flat = t.detach().reshape(-1)
+    n = flat.numel()
     if n == 0:
         return 0, 0.0, math.inf, 0, 0, 0, 0
-    lo, hi = torch.aminmax(a)
-    if lo.item() == 0:
-        lo = torch.where(a > 0, a, torch.full((), math.inf)).amin()
-    buckets = torch.bucketize(a, _BOUNDS)  # 0: <=2^-25 (zeros too), 1: <=2^-14, 2: <=65504, 3: above / inf / NaN
-    counts = torch.bincount(buckets, minlength=4).tolist()
-    zeros = int((a == 0).sum()) if counts[0] else 0
-    nonfinite = int((~torch.isfinite(a)).sum()) if counts[3] else 0
-    hi_v = math.inf if nonfinite else hi.item()
-    return n, hi_v, lo.item(), counts[3], counts[1], counts[0] - zeros, nonfinite
+    hi_v, lo_v, over, sub, flush, nonfinite = 0.0, math.inf, 0, 0, 0, 0
+    for start in range(0, n, CHUNK):
+        a = flat[start:start + CHUNK]
+        a = (a.float() if a.dtype != torch.float32 else a).abs()
+        lo, hi = (v.item() for v in torch.aminmax(a))
+        # Count only what the extremes say can be there: most tensors need no count at all.
+        zeros = 0
+        if lo == 0:
+            zeros = int(torch.count_nonzero(a == 0))
+            lo = torch.where(a > 0, a, torch.full((), math.inf)).amin().item() if zeros < a.numel() else math.inf
+        if not math.isfinite(hi):  # inf or NaN already in fp32
+            bad = int(torch.count_nonzero(~torch.isfinite(a)))
+            nonfinite += bad
+            over += bad + int(torch.count_nonzero(torch.isfinite(a) & (a > FP16_MAX)))
+            hi_v = math.inf
+        else:
+            if hi > FP16_MAX:
+                over += int(torch.count_nonzero(a > FP16_MAX))
+            hi_v = max(hi_v, hi)
+        if lo <= FP16_MIN_NORMAL:
+            small = int(torch.count_nonzero(a <= FP16_MIN_NORMAL)) - zeros
+            tiny = int(torch.count_nonzero(a <= FLUSH_LIMIT)) - zeros if lo <= FLUSH_LIMIT else 0
+            sub += small - tiny
+            flush += tiny
+        lo_v = min(lo_v, lo)
+    return n, hi_v, lo_v, over, sub, flush, nonfinite

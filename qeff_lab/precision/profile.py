@@ -241,6 +241,7 @@ class RangeProfiler:
         self._classes: dict[str, str] = {}
         self._handles: list = []
         self._mode: _OpMode | None = None
+        self._last: tuple | None = None
         self.inputs = 0
 
     # ------------------------------------------------------------------ hooks
@@ -262,6 +263,7 @@ class RangeProfiler:
             h.remove()
         self._handles.clear()
         self._stack.clear()
+        self._last = None
 
     def _pre(self, path: str):
         def hook(module, args):
@@ -291,8 +293,14 @@ class RangeProfiler:
         rec = self._records.get(key)
         if rec is None:
             rec = self._records[key] = OpRange(module, op, self._classes.get(module, "?"), self.step)
+        last = self._last
+        if op == OUTPUT and last is not None and last[0] is t and last[2] == t._version:
+            rec.add(last[1])  # a module's output is often its last op's result, unchanged since: reuse
+            return
         with torch.no_grad(), torch._C.DisableTorchFunction():  # the statistics' own ops are not the model's
-            rec.add(tensor_stats(t))
+            stats = tensor_stats(t)
+        rec.add(stats)
+        self._last = (t, stats, t._version)  # one tensor kept alive at most: the latest
 
     def _record_sdpa(self, args, kwargs) -> None:
         q = args[0] if args else kwargs.get("query")

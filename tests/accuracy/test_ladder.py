@@ -41,17 +41,17 @@ def test_teacher_forcing_chunked_equals_token_by_token():
 
 @pytest.fixture(scope="module")
 def ladder(tmp_path_factory):
-    import os
-
     from qeff_lab.models.causal_lm import QEFFAutoModelForCausalLM
 
-    os.environ["QEFF_LAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QEFF_LAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     hf = tiny_llama()
     q = QEFFAutoModelForCausalLM.from_model(copy.deepcopy(hf), name="tiny-ladder")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (9,), generator=g).tolist(), torch.randint(0, 1000, (37,), generator=g).tolist()]
     text = torch.randint(0, 1000, (48,), generator=g).tolist()
-    return run_ladder(causal_lm_rungs(hf, q, ctx_len=128), prompts, text, generation_len=8, progress=False)
+    yield run_ladder(causal_lm_rungs(hf, q, ctx_len=128), prompts, text, generation_len=8, progress=False)
+    mp.undo()
 
 
 def test_ladder_rungs_and_fp32_parity(ladder):

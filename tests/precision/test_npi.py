@@ -19,13 +19,13 @@ def _finding(module, op, kind, value=1e5):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    import os
-
     from qeff_lab.models.causal_lm import QEFFAutoModelForCausalLM
 
-    os.environ["QEFF_LAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QEFF_LAB_CACHE", str(tmp_path_factory.mktemp("cache")))
     q = QEFFAutoModelForCausalLM.from_model(copy.deepcopy(tiny_llama()), name="tiny-npi")
-    return onnx.load(str(q.export()))
+    yield onnx.load(str(q.export()))
+    mp.undo()
 
 
 def test_findings_map_to_node_outputs_of_the_graph(exported, tmp_path):

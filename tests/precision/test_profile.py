@@ -145,3 +145,16 @@ def test_analyze_tiny_llama_per_decode_step():
     assert not report.findings.of_kind("norm-square")  # random tiny weights stay in range
     assert set(report.weights["parameter"]) >= {"model.embed_tokens.weight", "model.norm.weight"}
     assert "PrecisionReport" in repr(report)
+
+
+def test_chunked_statistics_equal_one_pass(monkeypatch):
+    import qeff_lab.precision.numerics as numerics
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(300_001, generator=g) * 2e4
+    t[::997] = 0.0
+    t[5], t[299_999] = 1e-9, 3e-6
+    chunked = numerics.tensor_stats(t)
+    monkeypatch.setattr(numerics, "CHUNK", 1 << 30)
+    assert numerics.tensor_stats(t) == chunked
+    assert chunked[1] == t.abs().max().item() and chunked[5] == 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -119,7 +120,7 @@ def graph_report(source, passes: list | None = None) -> GraphReport:
 @lru_cache(maxsize=8)
 def _graph_report_cached(path: str, mtime_ns: int, size: int) -> GraphReport:
     p = Path(path)
-    model = onnx.load(path, load_external_data=False)
+    model = load_skeleton(p)
     g = model.graph
     init_names = {i.name for i in g.initializer}
     weight_bytes = 0
@@ -152,7 +153,7 @@ def weightless_copy(path: Path, dest: Path, outputs: list[str] | None = None) ->
     `["past_key.1_RetainedState"]`: the embedding, layer 0 and layer 1's key path of a decoder. For looking at
     structure in a browser: netron then loads kilobytes instead of the whole model, and lays out what it shows
     in seconds (a layout of thousands of nodes takes minutes)."""
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_skeleton(Path(path))
     if outputs:
         model = _subgraph(model, outputs)
     for t in model.graph.initializer:
@@ -187,3 +188,115 @@ def _subgraph(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
     del sub.graph.input[:]
     sub.graph.input.extend(keep)
     return sub
+
+
+# ----------------------------------------------------------------------------- reading a graph without its weights
+# onnx.load reads a whole file into memory and parses it: for a model with inline weights that costs about twice
+# the file's size (SmolLM2-135M: +1.2 GB), too much for a 2 GB Binder session. load_skeleton walks the protobuf
+# wire format with small positioned reads instead and copies everything except the initializers' data fields,
+# so the weights are never read. (A memory map would do too, but the kernel maps whole page-cache folios around
+# each touched byte: +290 MB of resident pages for SmolLM2.)
+_MODEL_GRAPH = 7  # ModelProto.graph
+_GRAPH_INITIALIZER = 5  # GraphProto.initializer
+_TENSOR_DATA_FIELDS = {4, 5, 6, 7, 9, 10, 11}  # TensorProto float/int32/string/int64/raw/double/uint64 data
+
+
+class _FileBytes:
+    """Read-only byte access to a file by position (buf[i], bytes(buf[a:b]), len) through os.pread, with a
+    small window for the many one-byte reads of varints."""
+
+    WINDOW = 1 << 14
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+        self.start, self.window = 0, b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return os.pread(self.fd, key.stop - key.start, key.start)
+        if not self.start <= key < self.start + len(self.window):
+            self.start, self.window = key, os.pread(self.fd, self.WINDOW, key)
+            if not self.window:
+                raise ValueError(f"truncated protobuf: nothing at byte {key}")
+        return self.window[key - self.start]
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fields(buf, start: int, end: int):
+    """Yield (field number, wire type, field start, payload start, payload end) for each field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        key, p = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, q = _varint(buf, p)
+            yield field, wire, pos, p, q
+        elif wire == 1:
+            yield field, wire, pos, p, p + 8
+            q = p + 8
+        elif wire == 2:
+            n, p = _varint(buf, p)
+            q = p + n
+            yield field, wire, pos, p, q
+        elif wire == 5:
+            q = p + 4
+            yield field, wire, pos, p, q
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire} at byte {pos}: not an ONNX file?")
+        pos = q
+
+
+def _strip(buf, start: int, end: int, keep) -> bytes:
+    """The fields of buf[start:end] that keep(field) accepts, re-encoded as they were."""
+    return b"".join(bytes(buf[f0:q]) for field, _, f0, _, q in _fields(buf, start, end) if keep(field))
+
+
+def load_skeleton(path: Path) -> onnx.ModelProto:
+    """The model at `path` with every initializer's data left out (names, types, dims, external-data refs kept)."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty: not an ONNX file.")
+    with open(path, "rb") as f:
+        buf = _FileBytes(f.fileno(), size)
+        parts = []
+        for field, _, f0, p, q in _fields(buf, 0, size):
+            if q > size:
+                raise ValueError(f"{path} is truncated or not an ONNX file (field {field} runs past the end).")
+            if field != _MODEL_GRAPH:
+                parts.append(bytes(buf[f0:q]))
+                continue
+            graph = []
+            for gfield, _, g0, gp, gq in _fields(buf, p, q):
+                if gfield == _GRAPH_INITIALIZER:
+                    tensor = _strip(buf, gp, gq, lambda t: t not in _TENSOR_DATA_FIELDS)
+                    graph.append(_encode_varint(_GRAPH_INITIALIZER << 3 | 2) + _encode_varint(len(tensor)) + tensor)
+                else:
+                    graph.append(bytes(buf[g0:gq]))
+            body = b"".join(graph)
+            parts.append(_encode_varint(_MODEL_GRAPH << 3 | 2) + _encode_varint(len(body)) + body)
+    return onnx.load_from_string(b"".join(parts))

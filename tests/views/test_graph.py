@@ -136,3 +136,23 @@ def test_netron_can_show_just_the_part_that_computes_some_outputs(compiled_tiny,
         assert f"computes {target}" in view.frame.value and "<iframe" in view.frame.value
     finally:
         view.stop()
+
+
+def test_skeleton_is_the_model_without_initializer_data(compiled_tiny, tmp_path):
+    from qeff_lab.onnx.inspect import load_skeleton
+
+    src = compiled_tiny.export_result.path
+    full, skel = onnx.load(str(src)), load_skeleton(src)
+    assert skel.graph.node == full.graph.node and skel.graph.input == full.graph.input
+    assert skel.graph.output == full.graph.output and skel.opset_import == full.opset_import
+    assert [(t.name, t.data_type, list(t.dims)) for t in skel.graph.initializer] == \
+        [(t.name, t.data_type, list(t.dims)) for t in full.graph.initializer]
+    assert all(not t.raw_data and not t.float_data for t in skel.graph.initializer)
+    for t in full.graph.initializer:  # what was dropped is exactly the data
+        t.ClearField("raw_data")
+        t.ClearField("float_data")
+        t.ClearField("int64_data")
+    assert skel == full
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xff\xff")
+    with pytest.raises(Exception):
+        load_skeleton(tmp_path / "junk.onnx")

@@ -90,7 +90,9 @@ def findings_html(frame: pd.DataFrame, max_rows: int = 200) -> str:
         cells = []
         for c in frame.columns:
             style = CELL_STYLE + (f";color:white;background:{colour}" if c == key and colour else "")
-            cells.append(f"<td style='{style}'>{html.escape(str(row[c]))}</td>")
+            value = row[c]
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            cells.append(f"<td style='{style}'>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<div class='meta'>… {total - max_rows} more</div>" if total > max_rows else ""
     return (f"<table class='qeff-findings' style='{TABLE_STYLE}'><caption style='text-align:left;font-weight:bold'>"

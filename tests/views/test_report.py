@@ -100,6 +100,7 @@ def test_findings_and_step_figures_appear_when_present():
     (table,) = page.all("table", "qeff-findings")
     assert "findings (2)" in "".join(page.text)
     assert "model.layers.7.input_layernorm" in text and "overflow-safe RMSNorm" in text
+    assert "<td style='border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top'>4.8e+08</td>" in text
     overflow_cell = re.search(r"<td style='[^']*background:(#[0-9a-f]{6})'>overflow</td>", text)
     underflow_cell = re.search(r"<td style='[^']*background:(#[0-9a-f]{6})'>underflow</td>", text)
     assert overflow_cell.group(1) == COLORS["overflow"] and underflow_cell.group(1) == COLORS["underflow"]

@@ -272,7 +272,7 @@ class Dashboard(widgets.VBox):
             self.progress.layout.visibility = "hidden"
             self.progress.value = 0.0
             self.refresh()
-            if failed is not None and step not in self.steps:
+            if failed is not None:  # the newest thing known about this step, even when an older report exists
                 self._show_failure(step, failed)
 
     def _show_failure(self, step: str, exc: BaseException) -> None:

@@ -72,10 +72,10 @@ def CtxGather(data: FLOAT, ctx_indices: INT64) -> FLOAT:
     zero = op.Constant(value_ints=[0])
     valid = op.GreaterOrEqual(ctx_indices, zero)
     safe = op.Where(valid, ctx_indices, zero)
-    shape = op.Shape(data)
-    index_shape = op.Concat(op.Slice(shape, [0], [2]), op.Gather(op.Shape(ctx_indices), [1]),
-                            op.Slice(shape, [3], [4]), axis=0)
-    out = op.GatherElements(data, op.Expand(op.Unsqueeze(safe, [1, 3]), index_shape), axis=2)
+    # GatherND over (batch, head) with a [B, H, K, 1] index: no index tensor as large as the cache itself
+    index_shape = op.Concat(op.Slice(op.Shape(data), [0], [2]), op.Shape(ctx_indices, start=1), axis=0)
+    index = op.Unsqueeze(op.Expand(op.Unsqueeze(safe, [1]), index_shape), [3])
+    out = op.GatherND(data, index, batch_dims=2)
     return op.Where(op.Unsqueeze(valid, [1, 3]), out, op.CastLike(op.Constant(value_float=0.0), data))
 
 

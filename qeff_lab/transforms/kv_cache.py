@@ -76,8 +76,9 @@ def cached_attention(q, k, v, past_key, past_value, position_ids, masked, ctx_in
     rep = heads // kv_heads
     qg = q.reshape(b, kv_heads, rep * s, d)
     scores = torch.matmul(qg, keys.transpose(2, 3)) * scaling
-    mask = masked if rep == 1 else masked[:, :, None].expand(b, 1, rep, s, masked.shape[-1]).reshape(b, 1, rep * s, -1)
-    scores = torch.where(mask, torch.full((), MASK_VALUE, dtype=scores.dtype), scores)
+    if rep > 1 and masked.shape[2] != rep * s:  # the model folds the mask once per call; a direct caller may not
+        masked = masked[:, :, None].expand(b, 1, rep, s, masked.shape[-1]).reshape(b, 1, rep * s, -1)
+    scores = torch.where(masked, torch.full((), MASK_VALUE, dtype=scores.dtype), scores)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, values).reshape(b, heads, s, d)
     return out.transpose(1, 2).reshape(b, s, heads * d), key, value
@@ -170,6 +171,10 @@ class KVDecoderModel:
         rotary = getattr(self, self.rotary_name) if self.rotary_name else None
         rope = rotary(hidden, position_ids) if rotary is not None else None
         masked, ctx_indices = kv_masks(position_ids, past_key_values[0][0].shape[2])
+        rep = self.config.num_attention_heads // past_key_values[0][0].shape[1]
+        if rep > 1:  # grouped-query heads: the mask folded to [B, 1, rep * S, ctx] once, not in every layer
+            b, _, s, ctx = masked.shape
+            masked = masked[:, :, None].expand(b, 1, rep, s, ctx).reshape(b, 1, rep * s, ctx)
         new_past = []
         for layer, (past_key, past_value) in zip(getattr(self, self.layers_name), past_key_values):
             hidden, key, value = layer(hidden, rope, position_ids, masked, ctx_indices, past_key, past_value)

@@ -1,7 +1,6 @@
 """What both model kinds share: loading through `loading.resolve`, the step record, option checks."""
 from __future__ import annotations
 
-import difflib
 from collections import OrderedDict
 
 import torch
@@ -13,16 +12,6 @@ from qeff_lab.pipeline import StepReport, state_dict_fingerprint
 
 class UnsupportedModelError(ValueError):
     """An architecture this model class has no transforms for."""
-
-
-def check_options(given: dict, known: set[str], where: str) -> None:
-    """Reject unknown keyword options, suggesting the closest known name (QEfficient passes them on silently)."""
-    for name in given:
-        if name not in known:
-            close = [k for k in sorted(known) if k.startswith(name) or name.startswith(k)]
-            close = close or difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"{where}() got an unknown option {name!r}.{hint} Known: {', '.join(sorted(known))}.")
 
 
 def param_count(model: torch.nn.Module) -> int:

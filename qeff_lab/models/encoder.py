@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel
 
 from qeff_lab.compile import CompileResult, check_compile_request, compile_graph
-from qeff_lab.models.base import QEFFBaseModel, UnsupportedModelError, check_options, param_count
+from qeff_lab.models.base import QEFFBaseModel, UnsupportedModelError, param_count
 from qeff_lab.onnx.export import ExportResult, export_module
 from qeff_lab.pipeline import StepReport, timed
 from qeff_lab.runtime import open_session
@@ -22,8 +22,6 @@ from qeff_lab.transforms.encoders import (
     pooling_fn,
     pooling_key,
 )
-
-COMPILE_OPTIONS = {"mxfp6_matmul", "num_devices", "compile_dir", "onnx_path"}
 
 
 class SeqLenTooLongError(ValueError):

@@ -27,7 +27,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 RUN_ALL_TIMEOUT_S = 300
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is pinned in requirements.lock")
+from playwright import sync_api as playwright_api  # noqa: E402  (pinned in requirements.lock; never `playwright install`)
 if not Path(CHROMIUM).exists():
     pytest.fail(f"Chromium not found at {CHROMIUM}: `make setup` installs the Debian package (apt-get install chromium).",
                 pytrace=False)

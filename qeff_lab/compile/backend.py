@@ -19,6 +19,7 @@ from qeff_lab.compile.options import OPTIONS, CompileOptionError, CompileOptions
 from qeff_lab.compile.runner import CompileError, FailureContext, explain_failure, make_sink, run_streaming
 from qeff_lab.compile.sdk import ROOT_ENV, SdkInfo, detect_sdk
 from qeff_lab.pipeline import build_artifact, cache_root, file_sha256, fingerprint
+from qeff_lab.onnx.inspect import load_skeleton
 
 BACKENDS = ("qaic", "onnxruntime")
 QCONFIG = "qconfig.json"
@@ -137,7 +138,7 @@ def onnx_fingerprint(path: Path) -> str:
     if hit and all(_stat_key(path.parent / loc) == st for loc, st in hit[0].items()):
         return hit[1]
     h = hashlib.sha256(file_sha256(path).encode())
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = load_skeleton(path)  # names and external-data refs only: no weights in memory
     locations = sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
                         for e in t.external_data if e.key == "location"})
     stats = {}
@@ -159,7 +160,7 @@ def check_npi_names(npi: Path | str, onnx_path: Path) -> None:
 
     data = yaml.safe_load(Path(npi).read_text()) or {}
     names = {n for v in data.values() for n in (v or [])}
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = load_skeleton(Path(onnx_path))
     outputs = {o for node in proto.graph.node for o in node.output}
     unknown = sorted(names - outputs)
     if unknown:

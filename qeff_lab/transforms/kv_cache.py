@@ -47,15 +47,15 @@ def kv_masks(position_ids: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, to
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    half = int(x.shape[-1]) // 2  # head sizes are static: a constant in the graph, not a Shape/Gather/Div chain
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """q, k [B,H,S,D]; cos, sin [B,S,R] with R <= D (partial rotary leaves the last D-R dims alone)."""
     cos, sin = cos[:, None], sin[:, None]
-    r = cos.shape[-1]
-    if r == q.shape[-1]:
+    r = int(cos.shape[-1])
+    if r == int(q.shape[-1]):
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     q_rot, q_pass, k_rot, k_pass = q[..., :r], q[..., r:], k[..., :r], k[..., r:]
     return (torch.cat([q_rot * cos + rotate_half(q_rot) * sin, q_pass], dim=-1),
@@ -71,8 +71,8 @@ def cached_attention(q, k, v, past_key, past_value, position_ids, masked, ctx_in
     value = ctx_scatter(past_value, position_ids, v)
     keys = ctx_gather(key, ctx_indices)
     values = ctx_gather(value, ctx_indices)
-    b, heads, s, d = q.shape
-    kv_heads = keys.shape[1]
+    b, s = q.shape[0], q.shape[2]
+    heads, d, kv_heads = int(q.shape[1]), int(q.shape[3]), int(keys.shape[1])  # static sizes: graph constants
     rep = heads // kv_heads
     qg = q.reshape(b, kv_heads, rep * s, d)
     scores = torch.matmul(qg, keys.transpose(2, 3)) * scaling

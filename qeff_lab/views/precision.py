@@ -47,8 +47,10 @@ def render_report(report) -> str:
             + render_findings(report.findings, max_rows=15))
 
 
-def render_ladder(ladder) -> str:
-    return html_table(_formatted(ladder.summary), caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}")
+def render_ladder(ladder, timings: bool = False) -> str:
+    """The ladder's summary table; seconds per rung only with `timings` (they change from run to run)."""
+    df = ladder.summary if timings else ladder.summary.drop(columns=["seconds"], errors="ignore")
+    return html_table(_formatted(df), caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}")
 
 
 def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None, title: str = "fp16 headroom",

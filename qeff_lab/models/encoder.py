@@ -1,6 +1,7 @@
 """QEFFAutoModel: encoders (BERT, RoBERTa, XLM-RoBERTa) with pooling, exported, compiled and run."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,7 @@ class QEFFAutoModel(QEFFBaseModel):
         Each batch is padded to the smallest compiled seq_len that fits and split into the compiled
         batch size. Returns {"output": [batch, hidden]} (pooled) or [batch, seq, hidden] (no pooling)."""
         session = self._get_session(device_ids)
+        start_time = time.perf_counter()
         ids = np.asarray(inputs["input_ids"], dtype=np.int64)
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
         if ids.ndim == 1:
@@ -204,6 +206,13 @@ class QEFFAutoModel(QEFFBaseModel):
         output = np.concatenate(outs)
         if self.pooling is None:
             output = output[:, :length]
+        n_batches = len(outs)
+        self._record(StepReport(
+            "generate", "done", time.perf_counter() - start_time,
+            f"{ids.shape[0]} input(s) of up to {length} tokens -> seq_len {seq}, {n_batches} batch(es) of {bs}; "
+            f"output {tuple(output.shape)}",
+            {"inputs": ids.shape[0], "tokens": length, "seq_len": seq, "batch_size": bs, "batches": n_batches,
+             "output_shape": tuple(output.shape), "backend": self.compile_result.backend}))
         return {"output": output}
 
     def embed(self, texts: list[str] | str, normalize: bool = False) -> np.ndarray:

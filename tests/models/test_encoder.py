@@ -41,7 +41,8 @@ def test_the_readme_example(minilm_path):
     tokenizer = AutoTokenizer.from_pretrained(MINILM)
     output = model.generate(tokenizer("My name is", return_tensors="pt"))
     assert list(output) == ["output"] and output["output"].shape == (1, 384)
-    assert list(model.steps) == ["load", "transform", "export", "compile"]
+    assert list(model.steps) == ["load", "transform", "export", "compile", "generate"]
+    assert model.steps["generate"].summary == "1 input(s) of up to 5 tokens -> seq_len 32, 1 batch(es) of 1; output (1, 384)"
     assert model.compile_result.backend == "onnxruntime"
     assert "no Cloud AI 100 SDK" in model.compile_result.reason
     spec = (model.compile_result.folder / "specializations.json").read_text()

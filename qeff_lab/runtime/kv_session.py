@@ -74,7 +74,8 @@ class OrtKVSession:
         io.bind_cpu_input("input_ids", input_ids)
         io.bind_cpu_input("position_ids", position_ids)
         self.session.run_with_iobinding(io)
-        logits = io.get_outputs()[self._logits_index].numpy()
+        # A copy: the bound output buffer is reused by the step after next, which would change what a caller kept.
+        logits = io.get_outputs()[self._logits_index].numpy().copy()
         self._current ^= 1
         self.steps += 1
         return logits

@@ -10,7 +10,7 @@ import onnx
 import torch
 
 import qeff_lab
-from qeff_lab.onnx.passes import clip_fp16, save_model
+from qeff_lab.onnx.passes import EXTERNAL_DATA_THRESHOLD, clip_fp16, save_model
 from qeff_lab.onnx.inspect import RAW_OP_COUNTS, op_counts
 from qeff_lab.pipeline import TransformResult, build_artifact, cache_root, fingerprint
 
@@ -56,6 +56,7 @@ def export_module(
         "torch": torch.__version__,
         "qeff_lab": qeff_lab.__version__,
         "external_data": external_data,
+        "external_data_threshold": EXTERNAL_DATA_THRESHOLD,
     }
     folder = cache_root() / "export" / f"{name}-{fingerprint(full_key)}"
     reports: list[TransformResult] = []

@@ -92,6 +92,12 @@ class QEFFBaseModel:
             if hasattr(self, name):
                 setattr(self, name, None)
 
+    @staticmethod
+    def _load_summary(hf: torch.nn.Module, config, resolved: ResolvedModel) -> str:
+        """The load step's one line, the same for every model kind."""
+        return (f"{type(hf).__name__}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                f"{param_count(hf) / 1e6:.1f}M params, from {resolved.source}")
+
     def _record(self, report: StepReport) -> StepReport:
         self.steps[report.step] = report
         return report

@@ -93,9 +93,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             hf = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs).eval()
         obj = cls(hf, resolved, family)
         obj._record(StepReport(
-            "load", "done", elapsed(),
-            f"{type(hf).__name__}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"{param_count(hf) / 1e6:.1f}M params, from {resolved.source}",
+            "load", "done", elapsed(), cls._load_summary(hf, config, resolved),
             {"model": resolved.name, "path": str(resolved.path), "source": resolved.source, "family": family.name,
              "class": type(hf).__name__, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
              "heads": config.num_attention_heads,

@@ -64,9 +64,7 @@ class QEFFAutoModel(QEFFBaseModel):
             hf = AutoModel.from_pretrained(resolved.path, **kwargs).eval()
         obj = cls(hf, resolved, pooling)
         obj._record(StepReport(
-            "load", "done", elapsed(),
-            f"{type(hf).__name__}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"{param_count(hf) / 1e6:.1f}M params, from {resolved.source}",
+            "load", "done", elapsed(), cls._load_summary(hf, config, resolved),
             {"model": resolved.name, "path": str(resolved.path), "source": resolved.source,
              "class": type(hf).__name__, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
              "heads": config.num_attention_heads, "parameters": param_count(hf), "pooling": pooling_key(pooling)

@@ -1,7 +1,6 @@
 """`analyze(model, prompts)`: profile calibration inputs in fp32, then list the findings; one report for both."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -10,7 +9,7 @@ import torch
 
 from qeff_lab.pipeline import timed
 from qeff_lab.precision.findings import Findings, find_issues
-from qeff_lab.precision.numerics import FP16_MAX, tensor_stats
+from qeff_lab.precision.numerics import tensor_stats
 from qeff_lab.precision.profile import RangeProfile, RangeProfiler
 
 
@@ -159,8 +158,3 @@ def _analyze_retained(model, batches, decode_steps, per_step, module_outputs, pr
     return PrecisionReport(profile, find_issues(profile, **finding_options), weight_ranges(model), len(batches),
                            tokens, elapsed())
 
-
-def overflow_share(report: PrecisionReport) -> float:
-    """Share of profiled sites whose abs max passes the fp16 max (a one-number summary)."""
-    recs = report.profile.records
-    return sum(r.abs_max > FP16_MAX for r in recs) / len(recs) if recs else math.nan

@@ -8,7 +8,6 @@ the bindings' name / direction / dims, so it is tested without the SDK.
 from __future__ import annotations
 
 import importlib
-import json
 import platform
 import sys
 from dataclasses import dataclass
@@ -266,8 +265,3 @@ class QaicKVRunner:
         return (f"<QaicKVRunner devices {self.session.device_ids}, batch {self.batch_size}, prefill "
                 f"{self.prefill_seq_len}, ctx {self.ctx_len}>")
 
-
-def session_info(compile_folder: Path) -> dict:
-    """num_devices and specializations from a compile folder's qconfig.json (what QaicSession needs besides the QPC)."""
-    q = json.loads((Path(compile_folder) / "qconfig.json").read_text())
-    return {"num_devices": q.get("num_devices", 1), "allowed": q.get("specializations", [])}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -13,6 +14,38 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
+
+
+# ----------------------------------------------------------------------------- views (filled by views/)
+_VIEWS: dict[tuple[type, str], Callable[..., Any]] = {}
+
+
+def register_view(cls: type, kind: str, view_fn: Callable[..., Any]) -> None:
+    """views/ registers what it can show for a report type ("html", "dashboard", "report", ...); the report
+    types never import views/ (the layer contract in tests/test_layers.py)."""
+    _VIEWS[(cls, kind)] = view_fn
+
+
+def show(obj: Any, kind: str = "html", *args: Any, **kwargs: Any) -> Any:
+    """The view of `kind` registered for `obj`'s class (or a base class). The first call loads qeff_lab.views,
+    which registers them all: a plugin lookup, so plain-data modules never import the views."""
+    if not _VIEWS:
+        importlib.import_module("qeff_lab.views")
+    for klass in type(obj).__mro__:
+        if (klass, kind) in _VIEWS:
+            return _VIEWS[(klass, kind)](obj, *args, **kwargs)
+    if kind == "html":
+        import html
+
+        return f"<pre>{html.escape(repr(obj))}</pre>"
+    raise TypeError(f"No {kind!r} view for {type(obj).__name__}.")
+
+
+class HtmlRepr:
+    """Mixin for plain-data reports: in a notebook they render through the views registry."""
+
+    def _repr_html_(self) -> str:
+        return show(self, "html")
 
 
 # ----------------------------------------------------------------------------- reports
@@ -27,7 +60,7 @@ class Change:
 
 
 @dataclass
-class TransformResult:
+class TransformResult(HtmlRepr):
     """What a transform did. `changes` is empty when it found nothing to do, and `notes` says why."""
 
     name: str
@@ -49,14 +82,9 @@ class TransformResult:
     def __repr__(self) -> str:
         return f"<TransformResult {self.summary()}>"
 
-    def _repr_html_(self) -> str:
-        from qeff_lab.views import render_transform
-
-        return render_transform(self)
-
 
 @dataclass
-class StepReport:
+class StepReport(HtmlRepr):
     """One pipeline step as the user sees it: name, status, time taken, a one-line summary, details.
 
     `details` is plain data (a DataFrame, a dict, or a list of TransformResults) that views and tests read.
@@ -70,11 +98,6 @@ class StepReport:
 
     def __repr__(self) -> str:
         return f"<{self.step}: {self.status}, {self.summary}>"
-
-    def _repr_html_(self) -> str:
-        from qeff_lab.views import render_step
-
-        return render_step(self)
 
 
 @contextmanager
@@ -138,24 +161,39 @@ def verify_artifact(folder: Path) -> bool:
 def build_artifact(folder: Path, key: dict, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """Return (folder, reused). The folder is reused only when verify_artifact passes; otherwise it is
     removed and rebuilt: `build(tmp)` writes into a temporary sibling, which is renamed when complete, so
-    a crash leaves either a complete folder or none."""
-    if folder.exists():
-        if verify_artifact(folder):
-            return folder, True
-        shutil.rmtree(folder)
+    a crash leaves either a complete folder or none. An exclusive lock on a sibling `.lock` file makes a
+    second process that asks for the same folder wait and then reuse what the first one built."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        build(tmp)
-        files = {
-            str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file()
-        }
-        (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=1, default=str))
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _folder_lock(folder):
+        if folder.exists():
+            if verify_artifact(folder):
+                return folder, True
+            shutil.rmtree(folder)
+        tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir()
+        try:
+            build(tmp)
+            files = {
+                str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=1, default=str))
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder, False
+
+
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive advisory lock (fcntl.flock) on `.<name>.lock` beside `folder`; released when the process ends."""
+    import fcntl
+
+    with open(folder.with_name(f".{folder.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

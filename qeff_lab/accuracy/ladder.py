@@ -23,6 +23,7 @@ from qeff_lab.accuracy.runners import EmulatedRunner, HFCausalRunner, RetainedSt
 from qeff_lab.precision.emulate import Fp16Emulation, fp16_weights
 from qeff_lab.precision.fixes import revert_safe_norm, safe_norm_transform
 from qeff_lab.precision.mx import mxfp6_weights
+from qeff_lab.pipeline import HtmlRepr
 
 TEXT = "coriolanus.txt"
 
@@ -47,7 +48,7 @@ SUMMARY_COLUMNS = ["rung", "token_match", "first_divergence", "margin_at_diverge
 
 
 @dataclass
-class LadderReport:
+class LadderReport(HtmlRepr):
     """Per rung (summary) and per rung x prompt (per_prompt) accuracy against the first rung."""
 
     summary: pd.DataFrame
@@ -66,11 +67,6 @@ class LadderReport:
 
     def __repr__(self) -> str:
         return f"<LadderReport {self.kind}: {len(self.summary)} rungs vs {self.reference!r}>"
-
-    def _repr_html_(self) -> str:
-        from qeff_lab.views.precision import render_ladder
-
-        return render_ladder(self)
 
 
 def run_ladder(rungs: Sequence[Rung], prompt_ids: Sequence[Sequence[int]], text_ids: Sequence[int],

@@ -17,7 +17,7 @@ from qeff_lab.compile.command import QPC_DIR, QPC_FILE, Plan, plan_compile
 from qeff_lab.compile.options import OPTIONS, CompileOptionError, CompileOptions, validate_options
 from qeff_lab.compile.runner import CompileError, FailureContext, explain_failure, make_sink, run_streaming
 from qeff_lab.compile.sdk import ROOT_ENV, SdkInfo, detect_sdk
-from qeff_lab.pipeline import build_artifact, cache_root, file_sha256, fingerprint
+from qeff_lab.pipeline import HtmlRepr, build_artifact, cache_root, file_sha256, fingerprint
 from qeff_lab.onnx.inspect import load_skeleton
 
 BACKENDS = ("qaic", "onnxruntime")
@@ -27,7 +27,7 @@ _PID_FILE = ".build.pid"
 
 
 @dataclass
-class CompileResult:
+class CompileResult(HtmlRepr):
     """A compile folder and what made it. `backend` picks the session that runs it (see qeff_lab.runtime)."""
 
     folder: Path
@@ -77,13 +77,8 @@ class CompileResult:
 
     def __repr__(self) -> str:
         what = "qaic dry run" if self.dry_run else self.backend
-        return (f"<CompileResult {what}: {len(self.specializations)} specialization(s), {self.folder.name}"
-                f"{' (reused)' if self.reused else ''}>")
-
-    def _repr_html_(self) -> str:
-        from qeff_lab.compile.view import render_compile_result
-
-        return render_compile_result(self)
+        # no cache state here: a notebook's stored text must not depend on what ran before on the machine
+        return f"<CompileResult {what}: {len(self.specializations)} specialization(s), {self.folder.name}>"
 
 
 def choose_backend(backend: str | None, sdk: SdkInfo | None = None) -> tuple[str, str]:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 from qeff_lab.loading import ResolvedModel, resolve
-from qeff_lab.pipeline import StepReport, state_dict_fingerprint
+from qeff_lab.pipeline import HtmlRepr, StepReport, show, state_dict_fingerprint
 
 
 class UnsupportedModelError(ValueError):
@@ -18,7 +18,7 @@ def param_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class QEFFBaseModel:
+class QEFFBaseModel(HtmlRepr):
     """A HF model on its way to the device. Each step's report is kept in `steps` (in order)."""
 
     def __init__(self, model: torch.nn.Module, resolved: ResolvedModel):
@@ -106,19 +106,10 @@ class QEFFBaseModel:
         done = ", ".join(self.steps) or "nothing yet"
         return f"{type(self).__name__}({self.model_name!r}; steps: {done})"
 
-    def _repr_html_(self) -> str:
-        from qeff_lab.views import render_steps
-
-        return render_steps(self)
-
     def report(self, path: str = "report.html", title: str | None = None):
         """Write a self-contained HTML report of every step so far (tables, plots, findings; opens offline)."""
-        from qeff_lab.views.report import write_report
-
-        return write_report(self, path, title=title)
+        return show(self, "report", path, title=title)
 
     def dashboard(self):
         """The pipeline dashboard widget: each step's status, time and summary; click one to open its view."""
-        from qeff_lab.views.dashboard import dashboard
-
-        return dashboard(self)
+        return show(self, "dashboard")

@@ -7,14 +7,14 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from qeff_lab.pipeline import timed
+from qeff_lab.pipeline import HtmlRepr, timed
 from qeff_lab.precision.findings import Findings, find_issues
 from qeff_lab.precision.numerics import tensor_stats
 from qeff_lab.precision.profile import RangeProfile, RangeProfiler
 
 
 @dataclass
-class PrecisionReport:
+class PrecisionReport(HtmlRepr):
     """A profile (every site's ranges), the findings drawn from it, and the weights' own ranges."""
 
     profile: RangeProfile
@@ -32,11 +32,6 @@ class PrecisionReport:
 
     def __repr__(self) -> str:
         return f"<PrecisionReport {self.summary()}>"
-
-    def _repr_html_(self) -> str:
-        from qeff_lab.views.precision import render_report
-
-        return render_report(self)
 
 
 def weight_ranges(model: torch.nn.Module) -> pd.DataFrame:

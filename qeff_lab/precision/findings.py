@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from qeff_lab.pipeline import HtmlRepr
+
 from qeff_lab.precision.numerics import FP16_MAX
 from qeff_lab.precision.profile import OUTPUT, OpRange, RangeProfile, layer_of
 
@@ -64,7 +66,7 @@ class Finding:
             else f"|x| reached {self.value:.3g} (fp16 max {self.limit:.0f})"
 
 
-class Findings(list):
+class Findings(list, HtmlRepr):
     """A list of Finding, worst first, with a DataFrame view and short summaries."""
 
     COLUMNS = ["severity", "kind", "place", "value", "limit", "visible_at_output", "fix", "suggestion"]
@@ -93,11 +95,6 @@ class Findings(list):
         kinds = ", ".join(f"{k} {n}" for k, n in pd.Series([f.kind for f in self]).value_counts().items()) \
             if self else "none"
         return f"<Findings: {counts['error']} error, {counts['warning']} warning, {counts['info']} info ({kinds})>"
-
-    def _repr_html_(self) -> str:
-        from qeff_lab.views.precision import render_findings
-
-        return render_findings(self)
 
 
 def _is_norm(cls_name: str) -> bool:

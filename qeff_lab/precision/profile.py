@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 from torch.overrides import TorchFunctionMode
 
+from qeff_lab.pipeline import HtmlRepr
+
 from qeff_lab.precision.numerics import FP16_MAX, headroom_bits, tensor_stats
 
 ROOT = "<root>"
@@ -127,7 +129,7 @@ COLUMNS = ["module", "op", "module_class", "layer", "site", "step", "calls", "nu
 
 
 @dataclass
-class RangeProfile:
+class RangeProfile(HtmlRepr):
     """What a profiling run saw: one OpRange per site, in first-seen order. Plain data for views and tests."""
 
     records: list[OpRange]
@@ -182,11 +184,6 @@ class RangeProfile:
         modules = len({r.module for r in self.records})
         return (f"<RangeProfile {self.model_class}: {len({r.place for r in self.records})} sites in {modules} modules, "
                 f"{over} above fp16 max>")
-
-    def _repr_html_(self) -> str:
-        from qeff_lab.views.precision import render_profile
-
-        return render_profile(self)
 
 
 class _OpMode(TorchFunctionMode):

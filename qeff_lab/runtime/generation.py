@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from qeff_lab.pipeline import HtmlRepr
+
 
 class PromptTooLongError(ValueError):
     """A prompt that leaves no room in the compiled context for a new token."""
@@ -101,7 +103,7 @@ class GenerationMetrics:
 
 
 @dataclass
-class GenerationResult:
+class GenerationResult(HtmlRepr):
     """What generate returns: the new tokens per prompt (ids, and texts when a tokenizer was given)."""
 
     ids: list[list[int]]
@@ -129,11 +131,6 @@ class GenerationResult:
 
     def __repr__(self) -> str:
         return f"<GenerationResult {len(self.ids)} prompt(s), {sum(map(len, self.ids))} new tokens>"
-
-    def _repr_html_(self) -> str:
-        from qeff_lab.views.generation import render_generation
-
-        return render_generation(self)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -293,12 +293,6 @@ class SwapResult(TransformResult):
     def __repr__(self) -> str:
         return f"<SwapResult {self.summary()}>"
 
-    def _repr_html_(self) -> str:
-        from qeff_lab.views.generation import render_swap_summary
-        from qeff_lab.views.tables import render_transform
-
-        return render_swap_summary(self) + render_transform(self)
-
 
 KEPT_WHY = "works on one token's hidden state; runs unchanged over the retained cache"
 

@@ -7,7 +7,7 @@ import pandas as pd
 
 
 def render_compile_result(result) -> str:
-    from qeff_lab.views import html_table
+    from qeff_lab.views.tables import html_table
 
     what = "qaic (dry run: compiler not run)" if result.dry_run else result.backend
     opts = result.options.non_default() if result.options else {}

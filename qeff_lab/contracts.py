@@ -1,0 +1,43 @@
+"""Names and limits both sides of a boundary must agree on: graph I/O, retained-state suffix, mask value, fp16
+limits, pipeline step names. One place, so the exporter, the runners, compile and the views cannot drift."""
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- numerics
+FP16_MAX = 65504.0  # largest finite fp16
+FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MIN_SUBNORMAL = 2.0 ** -24
+
+# A masked attention score is replaced (with `where`, never added) by this value before an fp32 softmax: exp()
+# of it relative to any real score is exactly 0, and unlike finfo(float32).min it stays finite in fp16. A fully
+# masked (padding) row then averages zeroed values instead of producing NaN.
+MASK_VALUE = -10000.0
+
+# ----------------------------------------------------------------------------- graph I/O (QEfficient's names)
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+RETAINED_SUFFIX = "_RetainedState"  # an output that the device keeps in place of the input of the same stem
+
+
+def past_names(num_layers: int) -> list[str]:
+    """`past_key.0, past_value.0, past_key.1, ...`: the retained KV inputs, in graph order."""
+    return [f"past_{kind}.{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def retained(name: str) -> str:
+    return name + RETAINED_SUFFIX
+
+
+# ----------------------------------------------------------------------------- pipeline steps (recorded names)
+class Step:
+    LOAD = "load"
+    ANALYZE = "analyze"
+    TRANSFORM = "transform"
+    PRECISION_FIXES = "precision-fixes"
+    EXPORT = "export"
+    COMPILE = "compile"
+    GENERATE = "generate"
+    COMPARE = "compare"
+
+    ORDER = (LOAD, ANALYZE, TRANSFORM, PRECISION_FIXES, EXPORT, COMPILE, GENERATE, COMPARE)

@@ -49,7 +49,37 @@ def test_failed_build_leaves_nothing(tmp_path):
 
     with pytest.raises(RuntimeError, match="compiler died"):
         build_artifact(tmp_path / "art", {}, build)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".art.lock"]  # the (empty) lock file only: no folder, no temp
+
+
+def _build_slowly(folder, log):
+    """Run in a child process: build `folder`, taking a while, and say whether it built or reused it."""
+    import time
+
+    def build(tmp):
+        (tmp / "a.bin").write_bytes(b"x" * 1000)
+        time.sleep(0.5)
+        (tmp / "b.bin").write_bytes(b"y" * 1000)
+
+    _, reused = build_artifact(folder, {"k": 1}, build)
+    with open(log, "a") as f:
+        f.write("reused\n" if reused else "built\n")
+
+
+def test_two_processes_building_one_folder_build_it_once(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    log = tmp_path / "log.txt"
+    procs = [ctx.Process(target=_build_slowly, args=(tmp_path / "art", log)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(log.read_text().split()) == ["built", "reused"]
+    assert verify_artifact(tmp_path / "art")
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def test_fingerprint_is_order_independent_and_sensitive():

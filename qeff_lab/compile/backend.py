@@ -70,11 +70,6 @@ class CompileResult(HtmlRepr):
     def qconfig(self) -> dict:
         return json.loads((self.folder / QCONFIG).read_text())
 
-    def open_session(self, device_ids: list[int] | None = None, **kwargs):
-        from qeff_lab.runtime import open_session
-
-        return open_session(self, device_ids=device_ids, **kwargs)
-
     def __repr__(self) -> str:
         what = "qaic dry run" if self.dry_run else self.backend
         # no cache state here: a notebook's stored text must not depend on what ran before on the machine

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qeff_lab.compile import CompileError, CompileOptionError, compile_graph
+from qeff_lab.runtime import open_session
 
 SPEC = [{"batch_size": 1, "seq_len": 8}]
 PD = [{"batch_size": 1, "seq_len": 8, "ctx_len": 32}, {"batch_size": 1, "seq_len": 1, "ctx_len": 32}]
@@ -61,7 +62,7 @@ def test_dry_run_without_sdk_writes_everything_and_runs_nothing(no_sdk, tiny_onn
     assert r.command_line.startswith(str(no_sdk / "exec" / "qaic-compile") + " -aic-hw ")
     assert r.qconfig["dry_run"] is True and r.qconfig["num_devices"] == 2
     with pytest.raises(RuntimeError, match="is a dry run"):
-        r.open_session()
+        open_session(r)
 
 
 def test_dry_run_with_onnxruntime_backend_is_refused(no_sdk, tiny_onnx):

@@ -10,10 +10,12 @@ ENCODER_CARD = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def cmd_setup_models(args: argparse.Namespace) -> int:
+    """Per card, one line: written / already present / left your copy / not installed, and where. A hub cache
+    entry whose refs/main points at the user's own download is left exactly as it is."""
     from qeff_lab.loading import install_packaged_models
 
-    for card, path in install_packaged_models().items():
-        print(f"{card}: {path}")
+    for report in install_packaged_models().values():
+        print(report, flush=True)
     return 0
 
 
@@ -92,7 +94,8 @@ def int_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qeff-lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("setup-models", help="place the packaged model copies in the HF hub cache (offline use)")
+    sub.add_parser("setup-models", help="place the packaged model copies in the HF hub cache (offline use); "
+                   "a cache entry holding your own download is left as it is")
     sub.add_parser("demo", help="run the main job on the embedded backend, printing every step")
     p = sub.add_parser("embed", help="embed texts with an encoder")
     p.add_argument("--model", "--model-name", dest="model", default=ENCODER_CARD, help="hub card or local folder")

@@ -43,3 +43,28 @@ def test_unknown_model_is_a_clear_error():
 @pytest.mark.parametrize("argv", [["embed"], ["no-such-command"]])
 def test_bad_usage_exits_nonzero(argv):
     assert qeff_lab(*argv, check=False).returncode == 2
+
+
+def test_setup_models_fills_a_fresh_hf_home_and_leaves_the_users_own_download(tmp_path):
+    """setup-models, as make runs it, into an empty HF_HOME where SmolLM2 is the user's own download: MiniLM is
+    written (then already present), SmolLM2's entry is left byte for byte, and each line says which."""
+    from tests.test_loading import USER_COMMIT, fake_genuine_snapshot, tree_state
+
+    hub = tmp_path / "hub"
+    users = fake_genuine_snapshot(hub, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    before = tree_state(users)
+    env = {**{k: v for k, v in ENV.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")},
+           "HF_HOME": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-m", "qeff_lab.cli", "setup-models"], capture_output=True, text=True,
+                           env=env, timeout=300) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = (dict(line.split(": ", 1) for line in p.stdout.strip().splitlines()) for p in runs)
+    assert first["sentence-transformers/all-MiniLM-L6-v2"].startswith("written: ")
+    assert second["sentence-transformers/all-MiniLM-L6-v2"].startswith("already present: ")
+    for lines in (first, second):
+        assert lines["HuggingFaceTB/SmolLM2-135M-Instruct"].startswith("left your copy: ")
+        assert USER_COMMIT in lines["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert tree_state(users) == before
+    minilm = hub / "models--sentence-transformers--all-MiniLM-L6-v2"
+    assert (minilm / "snapshots" / (minilm / "refs" / "main").read_text() / "config.json").is_file()

@@ -1,5 +1,6 @@
 # make demo: set up .venv (when missing) and run the main job on the embedded default backend.
-# make test: set up .venv (when missing) and run every test, notebooks included.
+# make test: set up .venv (when missing) and run every test, notebooks included (.ci/run: the same, on empty caches).
+# make notebooks: re-execute every notebook in place (the kernel and environment nbval uses in make test).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.qeff_lab-installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test bench clean-cache
+.PHONY: setup demo test notebooks bench clean-cache
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +28,15 @@ demo: setup
 test: setup
 	MPLBACKEND=Agg $(PY) -m pytest -q tests
 	# notebooks keep the inline backend (MPLBACKEND would override it and drop their stored figures)
-	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
+	env -u MPLBACKEND $(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
 		--nbval-cell-timeout=600 -p no:cacheprovider notebooks/
+
+# Each notebook runs in a kernel of this venv's Python (jupyter_client maps the kernelspec's "python" to it), in
+# the notebook's folder, inline backend; then `make test` checks them as stored. NB=notebooks/04_*.ipynb: only some.
+NB ?= notebooks/*.ipynb
+notebooks: setup
+	for nb in $(NB); do echo "== $$nb"; env -u MPLBACKEND $(PY) -m nbconvert --to notebook --execute \
+		--inplace --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; done
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

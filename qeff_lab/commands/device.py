@@ -67,7 +67,8 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mos", type=int, default=None)
     _flag(p, "mdts-mos", dest="mdts_mos", type=int, default=None)
     _flag(p, "aic-enable-depth-first", dest="aic_enable_depth_first", action="store_true")
-    _flag(p, "aic-hw-version", dest="aic_hw_version", default=None)
+    _flag(p, "aic-hw-version", dest="aic_hw_version", default=None, choices=["ai100", "ai200"],
+          help="target hardware (default: the first card's, from qaic-util -q FW IMAGE_VARIANT; else ai100)")
     p.add_argument("--npi", "--node-precision-info", dest="npi", default=None,
                    help="node-precision-info YAML (from the precision lab)")
     _flag(p, "extra-flag", dest="extra_flags", action="append", default=None,

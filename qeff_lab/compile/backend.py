@@ -235,8 +235,10 @@ def compile_graph(
                                 + ("" if sdk.present else f" (no SDK at {sdk.root})"))
     else:
         used, reason = choose_backend(backend, sdk)
-    plan = plan_compile(opts, specializations, compiler=sdk.command_prefix(), legacy_compiler=sdk.legacy_compiler,
-                        spec_names=spec_names, custom_io=custom_io)
+    plan = plan_compile(opts, specializations, compiler=sdk.command_prefix(),
+                        takes_named=sdk.takes_named_specializations, spec_names=spec_names, custom_io=custom_io,
+                        hw_version=sdk.aic_hw_version)
+    specializations, spec_names = plan.specializations, plan.spec_names  # exact duplicates dropped
     compiles = used == "qaic" and not opts.dry_run
     key = {
         "command": plan.template,
@@ -291,6 +293,7 @@ def _qconfig(model_info, opts, backend, reason, onnx_path, key, specializations,
         "retained_state": plan.retained_state,
         "num_devices": plan.num_devices,
         "sdk": {**sdk.to_json(), "hw_version": sdk.hw_version},
+        "aic_hw_version": plan.aic_hw_version,
         "command": command,
     }
 

@@ -41,10 +41,6 @@ def _choice(*allowed):
     return lambda v: None if v is None or v in allowed else f"must be one of {allowed}"
 
 
-def _nonempty(v) -> str | None:
-    return None if v is None or str(v).strip() else "must not be empty"
-
-
 def _existing_file(v) -> str | None:
     return None if v is None or Path(v).is_file() else f"file not found: {v}"
 
@@ -98,7 +94,10 @@ PATH = (str, Path)
 NONE = (type(None),)
 SPECS: list[OptionSpec] = [
     OptionSpec("num_cores", (int,), 16, "NSP cores per device to compile for", "-aic-num-cores={}", _cores),
-    OptionSpec("aic_hw_version", (str,), "ai100", "target hardware (-aic-hw-version)", "-aic-hw-version={}", _nonempty),
+    # None: read from the card (FW IMAGE_VARIANT in `qaic-util -q`), "ai100" without one; values per QEfficient #528
+    OptionSpec("aic_hw_version", (str,) + NONE, None,
+               "target hardware (-aic-hw-version): 'ai100' or 'ai200'; None: the card's, else ai100",
+               "-aic-hw-version={}", _choice("ai100", "ai200")),
     OptionSpec("convert_to_fp16", (bool,), True, "run fp32 parts of the graph in fp16", "-convert-to-fp16"),
     OptionSpec("mxfp6_matmul", (bool,), False, "compress constant MatMul weights to MXFP6", "-mxfp6-matmul"),
     OptionSpec("retained_state", (bool,) + NONE, None,
@@ -117,7 +116,7 @@ SPECS: list[OptionSpec] = [
                "your own MDP partition config (dict or JSON path) instead of the generated one", None, _mdp_config),
     OptionSpec("npi", PATH + NONE, None, "node-precision-info YAML (from the precision lab)", None, _npi_file),
     OptionSpec("specializations_format", (str,) + NONE, None,
-               "'named' ({name, symbols}) or 'flat'; None: named for qaic-compile with names, flat for qaic-exec",
+               "'named' ({name, symbols}) or 'flat'; None: what the SDK version takes (named from SDK 1.23)",
                None, _choice("named", "flat")),
     OptionSpec("extra_flags", (list, tuple), (), "raw compiler flags qeff_lab does not model", None, _flags),
     # steer the run, do not shape the output

@@ -176,6 +176,10 @@ _UNKNOWN_FLAG = re.compile(
     r"|invalid (?:option|argument))\W*(-[A-Za-z][\w\-]*)")
 _SPECIALIZATION = re.compile(r"(?i)(specializ\w*[^\n]*\b(error|invalid|fail\w*|unable|cannot|expected|unknown|mismatch)\b"
                              r"|\b(error|fail\w*|invalid|unable)\b[^\n]*specializ)")
+# What a flat-only compiler's JSON reader (nlohmann) says when it meets a named entry's "symbols" object, with exit
+# 255. Source: QEfficient issue #1129 (qaic-compile, 2026-06-26): "[json.exception.type_error.302] type must be
+# string, but is object".
+_SPEC_JSON_TYPE = re.compile(r"json\.exception\.type_error\.302[^\n]*type must be string, but is (object|number)")
 _OOM = re.compile(r"(?i)(out of memory|bad_alloc|cannot allocate memory|insufficient memory|not enough memory"
                   r"|memory allocation failed|exceed\w* [^\n]*memory|\bOOM\b)")
 _CUSTOM_IO = re.compile(r"(?i)custom.?io[^\n]*(not found|invalid|unknown|mismatch|error|fail)")
@@ -202,12 +206,16 @@ def explain_failure(output: str, returncode: int | None, ctx: FailureContext) ->
         else:
             advice.append(f"{sdk} does not accept {flag}: this SDK version may not know it. Check "
                           f"`{ctx.compiler} -h`; drop the option that adds it, or update the SDK.")
-    if _SPECIALIZATION.search(output):
+    if _SPEC_JSON_TYPE.search(output) and ctx.specializations_format == "named":
+        advice.append(f"{sdk} reads only flat specializations (string maps) and met the named entries "
+                      "({name, symbols}) in specializations.json. Compile with specializations_format='flat' (what "
+                      "qeff_lab picks by itself for SDKs before 1.23), or update the SDK.")
+    elif _SPECIALIZATION.search(output) or _SPEC_JSON_TYPE.search(output):
         other = "flat" if ctx.specializations_format == "named" else "named"
         advice.append(f"The compiler could not use specializations.json (written in the {ctx.specializations_format!r} "
-                      f"format). Older SDKs (qaic-exec) take flat entries, newer ones {{name, symbols}}: try "
-                      f"specializations_format={other!r}. Also check that every symbol (batch_size, seq_len, "
-                      "ctx_len, ...) is a dynamic axis name of the ONNX graph.")
+                      f"format). SDKs before 1.23 and qaic-exec take flat entries, newer qaic-compile also "
+                      f"{{name, symbols}}: try specializations_format={other!r}. Also check that every symbol "
+                      "(batch_size, seq_len, ctx_len, ...) is a dynamic axis name of the ONNX graph.")
     if _OOM.search(output) or returncode in (-9, 137):
         advice.append("The compiler ran out of memory (host RAM when it was killed, else device memory for the "
                       "program). Try: a smaller ctx_len, batch_size or prefill length; mxfp6_matmul=True (smaller "

@@ -68,20 +68,39 @@ class FakeSdk:
     def mode(self, mode: str) -> None:
         self.monkeypatch.setenv("FAKE_QAIC_MODE", mode)
 
+    def cards(self, status: str | None = None, nsp_free: str | None = None, variant: str | None = None) -> None:
+        """Per-card qaic-util fields (comma lists), read by the fake qaic-util and tests/qaicrt_double alike."""
+        for name, value in (("FAKE_QAIC_STATUS", status), ("FAKE_QAIC_NSP_FREE", nsp_free),
+                            ("FAKE_QAIC_VARIANT", variant)):
+            if value is not None:
+                self.monkeypatch.setenv(name, value)
+
+
+def write_version(root: Path, version: str) -> None:
+    base, _, build = version.rpartition(".")
+    (root / "versions" / "apps.xml").write_text(
+        f"<versions>\n  <ci_build>\n    <base_name>AIC</base_name>\n    <base_version>{base}</base_version>\n"
+        f"    <build_id>{build}</build_id>\n  </ci_build>\n</versions>\n")
+
 
 @pytest.fixture
 def fake_sdk_factory(tmp_path, monkeypatch):
-    def make(compiler: str = "qaic-compile", devices: int = 2) -> FakeSdk:
-        root = tmp_path / f"fake-sdk-{compiler}"
+    """make(compiler, devices, version): qaic-compile of SDK 1.23.0 by default (takes named specializations);
+    version="1.22.0" is a qaic-compile that takes only flat ones; compiler="qaic-exec" an older SDK."""
+    def make(compiler: str = "qaic-compile", devices: int = 2, version: str | None = None) -> FakeSdk:
+        root = tmp_path / f"fake-sdk-{compiler}-{version or 'default'}"
         shutil.copytree(FAKE_SDK_SOURCE, root)
         if compiler != "qaic-compile":
             (root / "exec" / "qaic-compile").rename(root / "exec" / compiler)
+        if version is not None:
+            write_version(root, version)
         record = tmp_path / f"{compiler}-calls.jsonl"
         monkeypatch.setenv("QEFF_LAB_QAIC_ROOT", str(root))
         monkeypatch.setenv("FAKE_QAIC_RECORD", str(record))
         monkeypatch.setenv("FAKE_QAIC_DEVICES", str(devices))
-        monkeypatch.delenv("FAKE_QAIC_MODE", raising=False)
-        monkeypatch.delenv("FAKE_QAIC_HANDSHAKE", raising=False)
+        for name in ("FAKE_QAIC_MODE", "FAKE_QAIC_HANDSHAKE", "FAKE_QAIC_STATUS", "FAKE_QAIC_NSP_FREE",
+                     "FAKE_QAIC_VARIANT"):
+            monkeypatch.delenv(name, raising=False)
         return FakeSdk(root, record, monkeypatch)
 
     return make

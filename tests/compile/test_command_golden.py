@@ -1,7 +1,8 @@
 """Golden tests: the compiler command and every artifact it reads, for representative option sets.
 
 The golden files in golden/ were written once with QEFF_LAB_REGEN_GOLDEN=1 and read line by line against
-../shared/AI100-TOOLCHAIN.md; a change to them is a change to what the compiler is told, so review the diff."""
+../shared/AI100-TOOLCHAIN.md; a change to them is a change to what the compiler is told, so review the diff.
+`named`: whether the SDK takes named specializations (qaic-compile of SDK >= 1.23, see qeff_lab/compile/sdk.py)."""
 from __future__ import annotations
 
 import json
@@ -36,9 +37,15 @@ MDP_USER = {"connections": [{"devices": [0, 1], "type": "p2p"}],
                            {"name": "Partition1", "devices": [{"deviceId": 1, "numCores": 8}]}]}
 
 CASES = {
-    # the encoder example: one entry per seq_len, flat (no names), no retained state
+    # the encoder example on qaic-compile of SDK 1.22: one flat entry per seq_len, no retained state
     "encoder_default": dict(specs=[{"batch_size": 1, "seq_len": 32}, {"batch_size": 1, "seq_len": 128}],
-                            options={}, compiler=NEW_SDK),
+                            options={}, compiler=NEW_SDK, named=False),
+    # a decoder on qaic-compile of SDK 1.22: qaic-compile alone does not mean named entries (QEfficient #1129)
+    "decoder_qaic_compile_sdk_1_22": dict(specs=PREFILL_DECODE, names=["Prefill", "Decode"],
+                                          custom_io=kv_io(1, "float16"), options={}, compiler=NEW_SDK, named=False),
+    # prefill_seq_len=1: Prefill and Decode are the same shape, compiled once as "Decode"; the card is an AI 200
+    "decoder_prefill_len_1": dict(specs=[PREFILL_DECODE[1], PREFILL_DECODE[1]], names=["Prefill", "Decode"],
+                                  custom_io=kv_io(1, "float16"), options={}, compiler=NEW_SDK, hw="ai200"),
     # a decoder as QEfficient compiles it by default: prefill + decode, fp16 KV retained on the device
     "decoder_fp16": dict(specs=PREFILL_DECODE, names=["Prefill", "Decode"], custom_io=kv_io(2, "float16"),
                          options={}, compiler=NEW_SDK),
@@ -49,7 +56,8 @@ CASES = {
                                          "npi": "NPI"}, compiler=NEW_SDK),
     # an older SDK: qaic-exec -compile-only, flat specializations even though names were given
     "decoder_legacy_qaic_exec": dict(specs=PREFILL_DECODE, names=["Prefill", "Decode"],
-                                     custom_io=kv_io(1, "float16"), options={"mxfp6_matmul": True}, compiler=OLD_SDK),
+                                     custom_io=kv_io(1, "float16"), options={"mxfp6_matmul": True}, compiler=OLD_SDK,
+                                     named=False),
     # raw flags, another hardware version, fp32 kept, forced named format (names generated), no retained state
     "encoder_extra_flags_named": dict(specs=[{"batch_size": 4, "seq_len": 64}],
                                       options={"extra_flags": ["-stats-level=70", "-size-split-granularity=512"],
@@ -68,8 +76,8 @@ def render(case: dict, tmp_path: Path) -> dict:
         options["npi"] = tmp_path / "npi.yaml"
         options["npi"].write_text(NPI_TEXT)
     plan = plan_compile(validate_options(options), case["specs"], compiler=case["compiler"],
-                        legacy_compiler=case["compiler"] is OLD_SDK, spec_names=case.get("names"),
-                        custom_io=case.get("custom_io"))
+                        takes_named=case.get("named", True), spec_names=case.get("names"),
+                        custom_io=case.get("custom_io"), hw_version=case.get("hw"))
     return {"command": plan.template, "files": plan.files}
 
 

@@ -20,9 +20,11 @@ KV = {"past_key.0": "float16", "past_value.0": "float16",
 
 
 def leftovers(cache: Path) -> list[str]:
-    """Everything in the compile cache except finished folders and kept failure logs."""
+    """Everything in the compile cache except finished folders, kept failure logs and the folders' lock files
+    (pipeline.build_artifact keeps `.<folder>.lock` on purpose: removing it would race another process)."""
     root = cache / "compile"
-    return sorted(p.name for p in root.iterdir() if p.name.startswith(".")) if root.exists() else []
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")
+                  ) if root.exists() else []
 
 
 def strip_folder(argv: list[str], folder: str) -> list[str]:
@@ -146,7 +148,7 @@ def test_compiles_with_the_fake_sdk_and_reuses_only_when_complete(fake_sdk, tiny
     assert strip_folder(ran, build_dir) == strip_folder(r.command, str(r.folder))
     assert {"-retained-state", "-mxfp6-matmul"} <= set(r.command)
     q = r.qconfig
-    assert q["model"] == {"name": "tiny", "transforms": ["KVCache"]} and q["sdk"]["version"] == "1.20.2"
+    assert q["model"] == {"name": "tiny", "transforms": ["KVCache"]} and q["sdk"]["version"] == "1.23.0"
     assert q["retained_state"] is True and q["specializations_format"] == "named"
     assert "Compilation done." in (r.folder / "compile.log").read_text()
 
@@ -241,7 +243,7 @@ def test_modeled_flag_unknown_to_an_old_sdk_names_the_option(fake_sdk, tiny_onnx
     script.write_text(script.read_text().replace('"-aic-perf-metrics", ', ""))
     with pytest.raises(CompileError) as e:
         compile_graph(tiny_onnx, SPEC, options={"aic_perf_metrics": True, "stream": False})
-    assert any("qeff_lab adds for aic_perf_metrics=True" in a and "SDK 1.20.2" in a for a in e.value.advice)
+    assert any("qeff_lab adds for aic_perf_metrics=True" in a and "SDK 1.23.0" in a for a in e.value.advice)
 
 
 def test_named_specializations_on_an_old_sdk_advise_the_flat_format(fake_sdk_factory, tiny_onnx):
@@ -305,3 +307,49 @@ def test_npi_from_the_precision_lab_writer(no_sdk, tiny_onnx, tmp_path):
     r = compile_graph(tiny_onnx, SPEC, dry_run=True, options={"npi": npi})
     assert f"-node-precision-info={r.folder}/node_precision_info.yaml" in r.command
     assert "- xf" in (r.folder / "node_precision_info.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------- what the SDK generation takes
+def test_qaic_compile_of_sdk_1_22_gets_flat_specializations(fake_sdk_factory, tiny_onnx):
+    """qaic-compile alone does not mean named entries: SDK 1.22's takes flat ones (QEfficient issue #1129)."""
+    fake_sdk_factory(version="1.22.0")
+    r = compile_graph(tiny_onnx, PD, spec_names=["Prefill", "Decode"], custom_io=KV, options={"stream": False})
+    assert r.qconfig["specializations_format"] == "flat" and r.command[0].endswith("/qaic-compile")
+    assert json.loads((r.folder / "specializations.json").read_text())["specializations"][0] == {
+        "batch_size": "1", "seq_len": "8", "ctx_len": "32"}
+    assert (r.qpc_path / "programqpc.bin").is_file()
+
+
+def test_named_entries_on_sdk_1_22_fail_as_upstream_users_saw_and_advise_flat(fake_sdk_factory, tiny_onnx):
+    fake_sdk_factory(version="1.22.0")
+    with pytest.raises(CompileError) as e:
+        compile_graph(tiny_onnx, PD, spec_names=["Prefill", "Decode"],
+                      options={"specializations_format": "named", "stream": False})
+    assert e.value.returncode == 255 and "type must be string, but is object" in str(e.value)
+    assert any("reads only flat specializations" in a and "specializations_format='flat'" in a
+               for a in e.value.advice)
+
+
+def test_hardware_version_comes_from_the_card(fake_sdk, tiny_onnx):
+    fake_sdk.cards(variant="AIC200.REL")
+    r = compile_graph(tiny_onnx, SPEC, options={"stream": False})
+    assert "-aic-hw-version=ai200" in r.command and r.qconfig["aic_hw_version"] == "ai200"
+    fake_sdk.cards(variant="AIC100.REL")
+    r100 = compile_graph(tiny_onnx, SPEC, options={"stream": False})
+    assert "-aic-hw-version=ai100" in r100.command and r100.folder != r.folder
+    # the option wins over the card
+    assert "-aic-hw-version=ai100" in compile_graph(tiny_onnx, SPEC, options={"aic_hw_version": "ai100",
+                                                                              "stream": False}).command
+
+
+def test_no_card_means_ai100(no_sdk, tiny_onnx):
+    assert "-aic-hw-version=ai100" in compile_graph(tiny_onnx, SPEC, dry_run=True).command
+
+
+def test_prefill_len_1_compiles_one_decode_specialization(fake_sdk, tiny_onnx):
+    same = [PD[1], dict(PD[1])]
+    r = compile_graph(tiny_onnx, same, spec_names=["Prefill", "Decode"], custom_io=KV, options={"stream": False})
+    assert r.specializations == [PD[1]] and r.spec_names == ["Decode"]
+    assert json.loads((r.folder / "specializations.json").read_text()) == {
+        "specializations": [{"name": "Decode", "symbols": {"batch_size": "1", "seq_len": "1", "ctx_len": "32"}}]}
+    assert r.qconfig["specialization_names"] == ["Decode"] and r.qconfig["specializations"] == [PD[1]]

@@ -44,7 +44,7 @@ def test_names_the_caller_handles_count_as_known():
     ({"mos": 0}, "must be >= 1"),
     ({"num_devices": 0}, "must be >= 1"),
     ({"specializations_format": "nested"}, "must be one of"),
-    ({"aic_hw_version": ""}, "must not be empty"),
+    ({"aic_hw_version": "ai300"}, "must be one of ('ai100', 'ai200')"),
     ({"extra_flags": "-foo"}, "expected list or tuple"),
     ({"extra_flags": ["foo"]}, "starting with '-'"),
     ({"extra_flags": ["-a -b"]}, "its own item"),

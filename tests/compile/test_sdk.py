@@ -23,6 +23,44 @@ QID 1
 """
 
 
+# One card as the Platform SDK's `qaic-util -q` prints it: a public record (an AEDK setup guide's output), verbatim.
+PUBLIC_RECORD = """LRT QC_IMAGE_VERSION: LRT.AIC.6.7.1.6.52
+LRT IMAGE_VARIANT: LRT.AIC.REL
+Number of devices: 1
+QID 0
+        Status:Ready
+        PCI Address:0002:01:00.0
+        PCI Info:Unassigned class [ff00] Qualcomm Device a100
+        HW Version:0.2.0.0
+        HW Serial:0x2b36e75d
+        FW Version:1.6.36
+        FW QC_IMAGE_VERSION:QSM.AIC.1.6.36
+        FW OEM_IMAGE_VERSION:
+        FW IMAGE_VARIANT:AIC100.REL
+        NSP Version:1.6.18
+        NSP QC_IMAGE_VERSION:NSP.AIC.1.6.18
+        NSP OEM_IMAGE_VERSION:
+        NSP IMAGE_VARIANT:aic100.nsp.prodQ
+        Compiler Version:0
+        Dram Total:8116 MB
+        Dram Free:8116 MB
+        Vc Total:16
+        Vc Free:16
+        Nsp Total:8
+        Nsp Free:8
+        Networks Loaded:0
+        Networks Active:0
+        Board serial:
+"""
+
+
+def test_parse_the_public_record():
+    (dev,) = parse_qaic_util(PUBLIC_RECORD)
+    assert (dev.qid, dev.status, dev.hw_version, dev.nsp_total, dev.nsp_free) == (0, "Ready", "0.2.0.0", 8, 8)
+    assert dev.fw_image_variant == "AIC100.REL" and dev.aic_hw_version == "ai100"
+    assert dev.usable(8) and not dev.usable(16)
+
+
 def test_parse_qaic_util_reads_each_card():
     devs = parse_qaic_util(QAIC_UTIL_Q)
     assert [d.qid for d in devs] == [0, 1]
@@ -55,9 +93,9 @@ def test_fake_new_sdk_is_detected_with_version_and_devices(fake_sdk):
     info = detect_sdk()
     assert info.present and info.root == fake_sdk.root
     assert info.compiler == [str(fake_sdk.root / "exec" / "qaic-compile")] and not info.legacy_compiler
-    assert info.version == "1.20.2"
+    assert info.version == "1.23.0" and info.takes_named_specializations
     assert info.device_ids == [0, 1] and info.hw_version == "0.2.0.0" and all(d.ready for d in info.devices)
-    assert repr(info) == "<SdkInfo qaic-compile (SDK 1.20.2); devices 0:Ready, 1:Ready>"
+    assert repr(info) == "<SdkInfo qaic-compile (SDK 1.23.0); devices 0:Ready, 1:Ready>"
     assert choose_backend(None, info)[0] == "qaic"
 
 
@@ -69,7 +107,7 @@ def test_fake_old_sdk_uses_qaic_exec_compile_only(fake_sdk_factory):
 
 
 def test_qaic_util_failure_is_recorded_not_raised(fake_sdk):
-    (fake_sdk.root / "exec" / "qaic-util").write_text("#!/bin/sh\necho 'no driver loaded' >&2\nexit 4\n")
+    (fake_sdk.root / "tools" / "qaic-util").write_text("#!/bin/sh\necho 'no driver loaded' >&2\nexit 4\n")
     info = detect_sdk()
     assert info.present and info.devices == []
     assert "exited 4" in info.util_error and "no driver loaded" in info.util_error

@@ -1,43 +1,200 @@
-"""What both model kinds share: loading through `loading.resolve`, the step record, option checks."""
+"""The one model pipeline every kind runs: load, record steps, transform, export, compile, open a session, and
+the cache keys that cover everything shaping an artifact.
+
+A kind (encoder, causal LM, sequence classifier, ...) is a small subclass that declares what differs, as
+QEfficient's `_hf_auto_class` / `_pytorch_transforms` and optimum's per-architecture `inputs` / `outputs` do:
+
+    _hf_auto_class        the transformers Auto class that loads it
+    check_supported()     which configs it takes (a clear UnsupportedModelError otherwise)
+    _pytorch_transforms() the transforms, each `fn(model) -> TransformResult`
+    export_spec()         the module to export, example inputs, output names, dynamic axes, key options
+    _compile_plan(...)    specializations (and names, custom IO) for compile(...)
+    _open_runtime()       the session kind that runs the compile result
+"""
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
 from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from torch import nn
 
+from qeff_lab.contracts import Step
 from qeff_lab.loading import ResolvedModel, resolve
-from qeff_lab.pipeline import HtmlRepr, StepReport, show, state_dict_fingerprint
+from qeff_lab.pipeline import HtmlRepr, StepReport, TransformResult, show, state_dict_fingerprint, timed
 
 
 class UnsupportedModelError(ValueError):
-    """An architecture this model class has no transforms for."""
+    """An architecture this model class cannot prepare."""
 
 
-def param_count(model: torch.nn.Module) -> int:
+def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def safe_name(name: str) -> str:
+    """A folder-name-safe short form of a card or path (its last component)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split("/")[-1])[:60]
+
+
+@dataclass
+class ExportSpec:
+    """What a kind exports: `module(**example_inputs) -> outputs`, with names and dynamic axes, and the kind's
+    own options that shape the file (pooling, ...) for the cache key."""
+
+    module: nn.Module
+    example_inputs: dict[str, torch.Tensor]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]
+    options: dict = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.example_inputs)
+
+
+@dataclass
+class CompilePlan:
+    """The specializations a kind compiles, their names, the device dtypes of custom IO, and the summary text."""
+
+    specializations: list[dict[str, int]]
+    summary: str
+    spec_names: list[str] | None = None
+    custom_io: dict[str, str] | None = None
+    model_info: dict = field(default_factory=dict)
+
+
+def code_fingerprint(model: nn.Module, *extra: Any) -> tuple[str, list[str]]:
+    """(hash, module names) of the qeff_lab source that shapes an export: every module defining a class in the
+    MRO of any submodule (swapped blocks and their shared mixins), the modules of `extra` objects (transform
+    functions, wrapper classes), the custom ops and the export passes."""
+    names = {"qeff_lab.onnx.export", "qeff_lab.onnx.passes", "qeff_lab.ops.registry"}
+    for module in model.modules():
+        names.update(k.__module__ for k in type(module).__mro__ if k.__module__.startswith("qeff_lab."))
+    for obj in extra:
+        mod = getattr(obj, "__module__", None) or type(obj).__module__
+        if mod and mod.startswith("qeff_lab."):
+            names.add(mod)
+    h = hashlib.sha256()
+    for name in sorted(names):
+        h.update(name.encode())
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()[:16], sorted(names)
 
 
 class QEFFBaseModel(HtmlRepr):
     """A HF model on its way to the device. Each step's report is kept in `steps` (in order)."""
 
-    def __init__(self, model: torch.nn.Module, resolved: ResolvedModel):
+    _hf_auto_class: ClassVar[str] = "AutoModel"  # name in transformers; imported when loading
+    _kind: ClassVar[str] = "base"
+
+    def __init__(self, model: nn.Module, resolved: ResolvedModel):
         self.model = model
         self.resolved = resolved
         self.model_name = resolved.name
         self.steps: "OrderedDict[str, StepReport]" = OrderedDict()
+        self.export_result = None
+        self.compile_result = None
+        self._session = None
+        self._session_devices: list[int] | None = None
         self._tokenizer = None
         self._weights_fp: str | None = None
+        self._applied: list[Callable] = []
+
+    # ------------------------------------------------------------------ what a kind declares
+    @classmethod
+    def check_supported(cls, config, what: str) -> None:
+        """Raise UnsupportedModelError (model type, obstacle, what to do) for a config this kind cannot take."""
+
+    def _pytorch_transforms(self) -> list[Callable[[nn.Module], TransformResult]]:
+        return []
+
+    def export_spec(self) -> ExportSpec:
+        raise NotImplementedError
+
+    def _open_runtime(self, device_ids: list[int] | None):
+        from qeff_lab.runtime import open_session
+
+        return open_session(self.compile_result, device_ids=device_ids)
+
+    def _load_details(self, config) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def _hf_class(cls):
+        import transformers
+
+        return getattr(transformers, cls._hf_auto_class)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, *, transform: bool = True, **kwargs: Any):
+        """Load a card or local folder (fp32 unless `dtype` says otherwise) and, by default, transform it.
+        Keyword arguments the kind takes (pooling, ...) go to the kind; the rest to the HF `from_pretrained`."""
+        kind_options = {k: kwargs.pop(k) for k in list(kwargs) if k in cls._kind_options()}
+        cls._check_kind_options(**kind_options)
+        from transformers import AutoConfig
+
+        with timed() as elapsed:
+            resolved = resolve(pretrained_model_name_or_path)
+            config = AutoConfig.from_pretrained(resolved.path)
+            cls.check_supported(config, repr(pretrained_model_name_or_path))
+            kwargs.setdefault("dtype", torch.float32)
+            hf = cls._hf_class().from_pretrained(resolved.path, **{**cls._load_kwargs(config), **kwargs}).eval()
+        obj = cls(hf, resolved, **kind_options)
+        details = {"model": resolved.name, "path": str(resolved.path), "source": resolved.source,
+                   "class": type(hf).__name__, "layers": getattr(config, "num_hidden_layers", None),
+                   "hidden": getattr(config, "hidden_size", None),
+                   "heads": getattr(config, "num_attention_heads", None), "parameters": param_count(hf),
+                   **obj._load_details(config)}
+        obj._record(StepReport(Step.LOAD, "done", elapsed(), cls._load_summary(hf, config, resolved), details))
+        if transform:
+            obj.transform()
+        return obj
+
+    @classmethod
+    def from_model(cls, model: nn.Module, *, name: str = "in-memory", transform: bool = True, **kind_options: Any):
+        """Wrap an already-built HF model (e.g. a tiny random config in a test). It is changed in place."""
+        cls.check_supported(model.config, type(model).__name__)
+        cls._check_kind_options(**kind_options)
+        obj = cls(model.eval(), ResolvedModel(name, Path("."), "in memory"), **kind_options)
+        obj._record(StepReport(Step.LOAD, "done", 0.0, f"{type(model).__name__} (in memory)",
+                               {"model": name, "class": type(model).__name__, **obj._load_details(model.config)}))
+        if transform:
+            obj.transform()
+        return obj
+
+    @classmethod
+    def _kind_options(cls) -> set[str]:
+        """Names of the keyword arguments of this kind's __init__ beyond (model, resolved)."""
+        params = list(inspect.signature(cls.__init__).parameters)
+        return set(params[3:])
+
+    @classmethod
+    def _check_kind_options(cls, **options: Any) -> None:
+        """Validate kind options before the (slow) load."""
+
+    @classmethod
+    def _load_kwargs(cls, config) -> dict:
+        return {}
 
     @staticmethod
-    def _resolve_config(name_or_path: str):
-        resolved = resolve(name_or_path)
-        return resolved, AutoConfig.from_pretrained(resolved.path)
+    def _load_summary(hf: nn.Module, config, resolved: ResolvedModel) -> str:
+        """The load step's one line, the same for every model kind."""
+        return (f"{type(hf).__name__}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+                f"{param_count(hf) / 1e6:.1f}M params, from {resolved.source}")
 
     @property
     def tokenizer(self):
         """The model's own tokenizer, from the same resolved folder (loaded on first use)."""
         if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
             self._tokenizer = AutoTokenizer.from_pretrained(self.resolved.path)
         return self._tokenizer
 
@@ -46,6 +203,119 @@ class QEFFBaseModel(HtmlRepr):
             self._weights_fp = state_dict_fingerprint(self.model)
         return self._weights_fp
 
+    # ------------------------------------------------------------------ transform
+    def transform(self) -> StepReport:
+        """Apply this kind's PyTorch transforms once; each reports what it changed (recorded as "transform")."""
+        if Step.TRANSFORM in self.steps:
+            return self.steps[Step.TRANSFORM]
+        with timed() as elapsed:
+            results = []
+            for fn in self._pytorch_transforms():
+                results.append(fn(self.model))
+                self._applied.append(fn)
+        n = sum(len(r.changes) for r in results)
+        summary = self._transform_summary(results) or f"{n} change(s) in {len(results)} transform(s)"
+        self._forget_artifacts()
+        return self._record(StepReport(Step.TRANSFORM, "done", elapsed(), summary, results))
+
+    def _transform_summary(self, results: list[TransformResult]) -> str | None:
+        return None
+
+    @property
+    def transforms_applied(self) -> list[str]:
+        rep = self.steps.get(Step.TRANSFORM)
+        return [r.name for r in rep.details if r.modified] if rep else []
+
+    def precision_fix_key(self) -> list[str]:
+        """What the precision fixes changed, for export cache keys (a fixed graph is a different file)."""
+        return [f"SafeNorm:{path}" for path, m in self.model.named_modules() if getattr(type(m), "_qeff_safe_norm", False)]
+
+    def artifact_key(self, spec: ExportSpec) -> dict:
+        """Everything that shapes the exported file: kind, config, weights, transforms applied (and the source of
+        the code they run), precision fixes, the kind's options."""
+        code, code_modules = code_fingerprint(self.model, spec.module, *self._applied)
+        return {"kind": self._kind, "config": self.model.config.to_dict(), "weights": self.weights_fingerprint(),
+                "transforms": self.transforms_applied + self.precision_fix_key(), "code": code,
+                "code_modules": code_modules, "options": spec.options}
+
+    # ------------------------------------------------------------------ export
+    def export(self, external_data: bool | None = None) -> Path:
+        """Export to ONNX into the content-addressed cache (reused when nothing that shapes it changed)."""
+        from qeff_lab.onnx.export import export_module
+
+        self._require(Step.TRANSFORM, "transform()")
+        with timed() as elapsed:
+            spec = self.export_spec()
+            result = export_module(spec.module.eval(), spec.example_inputs, spec.output_names, spec.dynamic_axes,
+                                   self.artifact_key(spec), name=safe_name(self.model_name),
+                                   external_data=external_data)
+        self.export_result = result
+        self._session = None
+        n_clip = sum(len(p.changes) for p in result.passes if p.name == "FP16ClipConstants")
+        ops = ", ".join(f"{k} x{v}" for k, v in result.custom_ops.items()) or "none"
+        self._record(StepReport(Step.EXPORT, "reused" if result.reused else "done", elapsed(),
+                                f"{result.folder.name}/{result.path.name}; {len(spec.input_names)} inputs, "
+                                f"{len(spec.output_names)} outputs; custom ops: {ops}; {n_clip} constant(s) "
+                                "clipped to fp16", result))
+        return result.path
+
+    def onnx_io(self):
+        """The exported graph's inputs and outputs: name, direction, element type, shape (symbols kept)."""
+        import onnx
+        import pandas as pd
+
+        if self.export_result is None:
+            raise RuntimeError("Call export() (or compile()) first: there is no graph yet.")
+        graph = onnx.load(str(self.export_result.path), load_external_data=False).graph
+        rows = []
+        for direction, values in (("input", graph.input), ("output", graph.output)):
+            for v in values:
+                t = v.type.tensor_type
+                dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+                rows.append({"name": v.name, "direction": direction,
+                             "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower(), "shape": str(dims)})
+        return pd.DataFrame(rows, columns=["name", "direction", "dtype", "shape"])
+
+    # ------------------------------------------------------------------ compile
+    def _compile(self, plan: CompilePlan, *, backend: str | None, num_cores: int, options: dict,
+                 mxfp6_matmul: bool = False) -> Path:
+        """Compile the exported graph (exporting first when needed) for `plan`; records the "compile" step."""
+        from qeff_lab.compile import check_compile_request, compile_graph
+
+        options = check_compile_request(backend, options)  # fail fast: before the (slow) export
+        if self.export_result is None:
+            self.export()
+        with timed() as elapsed:
+            info = {"name": self.model_name, "class": type(self.model).__name__, "kind": self._kind,
+                    "config": self.model.config.to_dict(), "transforms": self.transforms_applied, **plan.model_info}
+            result = compile_graph(self.export_result.path, plan.specializations, backend=backend,
+                                   num_cores=num_cores, spec_names=plan.spec_names, custom_io=plan.custom_io,
+                                   mxfp6_matmul=mxfp6_matmul, options=options, model_info=info)
+        self.compile_result = result
+        self._session = None
+        self._record(StepReport(Step.COMPILE, "reused" if result.reused else "done", elapsed(),
+                                f"{result.backend} ({result.reason}); {plan.summary}", result))
+        return result.folder
+
+    def compile_artifacts(self) -> dict[str, str]:
+        """The text of the compile folder's files a device compile reads (specializations, custom IO, ...)."""
+        if self.compile_result is None:
+            raise RuntimeError("Call compile(...) first: there is no compile folder yet.")
+        folder = self.compile_result.folder
+        return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.suffix in (".json", ".yaml")
+                and p.name != "manifest.json"}
+
+    # ------------------------------------------------------------------ run
+    def session(self, device_ids: list[int] | None = None):
+        """The session (or KV runner) over the compiled graph, opened on first use and kept."""
+        if self.compile_result is None:
+            raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet.")
+        if self._session is None or self._session_devices != device_ids:
+            self._session = self._open_runtime(device_ids)  # by the compile's backend
+            self._session_devices = device_ids
+        return self._session
+
+    # ------------------------------------------------------------------ precision
     def analyze(self, prompts, **options):
         """Profile calibration `prompts` (text, or token ids) in fp32 and list where fp16 would overflow or
         underflow, by module path and op (qeff_lab.precision.analyze; options: decode_steps, per_step, ...).
@@ -56,14 +326,13 @@ class QEFFBaseModel(HtmlRepr):
                                              and all(isinstance(p, str) for p in prompts))
         report = analyze(self.model, prompts, self.tokenizer if texts else None, **options)
         self.precision_report = report
-        self._record(StepReport("analyze", "done", report.seconds, report.summary(), report))
+        self._record(StepReport(Step.ANALYZE, "done", report.seconds, report.summary(), report))
         return report
 
     def fix_precision(self, report=None) -> StepReport:
         """Apply the precision fixes the findings call for: the overflow-safe RMSNorm / LayerNorm on the norms
         `report` (default: the last analyze) flags, or on every norm when there is no report. Recorded as the
         "precision-fixes" step; a later export includes them; `unfix_precision()` switches them off."""
-        from qeff_lab.pipeline import timed
         from qeff_lab.precision import safe_norm_transform
 
         report = report if report is not None else getattr(self, "precision_report", None)
@@ -72,7 +341,7 @@ class QEFFBaseModel(HtmlRepr):
         with timed() as elapsed:
             result = safe_norm_transform(self.model, only=only, reasons=reasons)
         self._forget_artifacts()
-        return self._record(StepReport("precision-fixes", "done", elapsed(), result.summary(), [result]))
+        return self._record(StepReport(Step.PRECISION_FIXES, "done", elapsed(), result.summary(), [result]))
 
     def unfix_precision(self) -> StepReport:
         """Switch the precision fixes off again (original norm classes; weights untouched)."""
@@ -80,23 +349,16 @@ class QEFFBaseModel(HtmlRepr):
 
         result = revert_safe_norm(self.model)
         self._forget_artifacts()
-        self.steps.pop("precision-fixes", None)
-        return StepReport("precision-fixes", "skipped", 0.0, result.summary(), [result])
+        self.steps.pop(Step.PRECISION_FIXES, None)
+        return StepReport(Step.PRECISION_FIXES, "skipped", 0.0, result.summary(), [result])
 
-    def precision_fix_key(self) -> list[str]:
-        """What the precision fixes changed, for export cache keys (a fixed graph is a different file)."""
-        return [f"SafeNorm:{path}" for path, m in self.model.named_modules() if getattr(type(m), "_qeff_safe_norm", False)]
-
+    # ------------------------------------------------------------------ record and show
     def _forget_artifacts(self) -> None:
-        for name in ("export_result", "compile_result", "_session"):
-            if hasattr(self, name):
-                setattr(self, name, None)
+        self.export_result = self.compile_result = self._session = None
 
-    @staticmethod
-    def _load_summary(hf: torch.nn.Module, config, resolved: ResolvedModel) -> str:
-        """The load step's one line, the same for every model kind."""
-        return (f"{type(hf).__name__}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-                f"{param_count(hf) / 1e6:.1f}M params, from {resolved.source}")
+    def _require(self, step: str, call: str) -> None:
+        if step not in self.steps:
+            raise RuntimeError(f"Call {call} first: this step needs it ({', '.join(self.steps) or 'no steps'} done).")
 
     def _record(self, report: StepReport) -> StepReport:
         self.steps[report.step] = report

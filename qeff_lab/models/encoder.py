@@ -1,20 +1,15 @@
-"""QEFFAutoModel: encoders (BERT, RoBERTa, XLM-RoBERTa) with pooling, exported, compiled and run."""
+"""QEFFAutoModel: text encoders with pooling, exported, compiled and run (declares only what differs from the base)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModel
 
-from qeff_lab.compile import CompileResult, check_compile_request, compile_graph
-from qeff_lab.models.base import QEFFBaseModel, UnsupportedModelError, param_count
-from qeff_lab.onnx.export import ExportResult, export_module
-from qeff_lab.pipeline import StepReport, timed
-from qeff_lab.runtime import open_session
-from qeff_lab.runtime.session import OrtSession
+from qeff_lab.contracts import ATTENTION_MASK, INPUT_IDS, Step
+from qeff_lab.models.base import CompilePlan, ExportSpec, QEFFBaseModel, UnsupportedModelError
+from qeff_lab.pipeline import StepReport
 from qeff_lab.transforms.encoders import (
     SUPPORTED_ENCODER_TYPES,
     PooledEncoder,
@@ -38,131 +33,64 @@ class QEFFAutoModel(QEFFBaseModel):
     (1, 384)
     """
 
+    _hf_auto_class = "AutoModel"
+    _kind = "encoder"
+
     def __init__(self, model: torch.nn.Module, resolved, pooling: Pooling = None):
         super().__init__(model, resolved)
         pooling_fn(pooling)  # validate early
         self.pooling = pooling
-        self.export_result: ExportResult | None = None
-        self.compile_result: CompileResult | None = None
-        self._session: OrtSession | None = None
 
-    # ------------------------------------------------------------------ load
+    # ------------------------------------------------------------------ what differs
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, pooling: Pooling = None, *,
-                        transform: bool = True, **kwargs: Any) -> "QEFFAutoModel":
-        """Load a card or local folder. `pooling`: "mean", "cls", "max", "avg", a callable
-        (last_hidden_states, attention_mask) -> tensor, or None for the per-token hidden states."""
+    def check_supported(cls, config, what: str) -> None:
+        if config.model_type not in SUPPORTED_ENCODER_TYPES:
+            raise UnsupportedModelError(
+                f"{what} is a {config.model_type!r} model ({', '.join(getattr(config, 'architectures', None) or [])}); "
+                f"QEFFAutoModel supports the encoder families {', '.join(sorted(SUPPORTED_ENCODER_TYPES))}. "
+                "For decoders use QEFFAutoModelForCausalLM.")
+
+    @classmethod
+    def _check_kind_options(cls, pooling: Pooling = None) -> None:
         pooling_fn(pooling)
-        with timed() as elapsed:
-            resolved, config = cls._resolve_config(pretrained_model_name_or_path)
-            if config.model_type not in SUPPORTED_ENCODER_TYPES:
-                raise UnsupportedModelError(
-                    f"{pretrained_model_name_or_path!r} is a {config.model_type!r} model "
-                    f"({', '.join(config.architectures or [])}); QEFFAutoModel supports the encoder families "
-                    f"{', '.join(sorted(SUPPORTED_ENCODER_TYPES))}. For decoders use QEFFAutoModelForCausalLM.")
-            kwargs.setdefault("dtype", torch.float32)
-            hf = AutoModel.from_pretrained(resolved.path, **kwargs).eval()
-        obj = cls(hf, resolved, pooling)
-        obj._record(StepReport(
-            "load", "done", elapsed(), cls._load_summary(hf, config, resolved),
-            {"model": resolved.name, "path": str(resolved.path), "source": resolved.source,
-             "class": type(hf).__name__, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-             "heads": config.num_attention_heads, "parameters": param_count(hf), "pooling": pooling_key(pooling)
-             if not callable(pooling) else getattr(pooling, "__name__", "callable")},
-        ))
-        if transform:
-            obj.transform()
-        return obj
 
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, pooling: Pooling = None, name: str = "in-memory",
-                   transform: bool = True) -> "QEFFAutoModel":
-        """Wrap an already-built HF encoder (e.g. a tiny random config in a test)."""
-        from qeff_lab.loading import ResolvedModel
+    def _load_details(self, config) -> dict:
+        pooling = self.pooling
+        return {"pooling": getattr(pooling, "__name__", "callable") if callable(pooling) else pooling_key(pooling)}
 
-        if getattr(model.config, "model_type", None) not in SUPPORTED_ENCODER_TYPES:
-            raise UnsupportedModelError(f"{type(model).__name__} is not one of the supported encoder families "
-                                        f"{', '.join(sorted(SUPPORTED_ENCODER_TYPES))}.")
-        obj = cls(model.eval(), ResolvedModel(name, Path("."), "in memory"), pooling)
-        obj._record(StepReport("load", "done", 0.0, f"{type(model).__name__} (in memory)", {"model": name}))
-        if transform:
-            obj.transform()
-        return obj
+    def _pytorch_transforms(self):
+        return [fp16_safe_mask_transform]
 
-    # ------------------------------------------------------------------ transform
-    def transform(self) -> StepReport:
-        with timed() as elapsed:
-            results = [fp16_safe_mask_transform(self.model)]
-        n = sum(len(r.changes) for r in results)
-        return self._record(StepReport("transform", "done", elapsed(), f"{n} change(s) in {len(results)} transform(s)",
-                                       results))
-
-    @property
-    def transforms_applied(self) -> list[str]:
-        rep = self.steps.get("transform")
-        return [r.name for r in rep.details if r.modified] if rep else []
-
-    # ------------------------------------------------------------------ export
-    def export(self, external_data: bool | None = None) -> Path:
-        """Export encoder + pooling to ONNX (dynamic batch_size, seq_len) into the content-addressed cache."""
-        with timed() as elapsed:
-            wrapper = PooledEncoder(self.model, self.pooling).eval()
-            example = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.ones(1, 8, dtype=torch.long)}
-            out_axes = {0: "batch_size"} if self.pooling is not None else {0: "batch_size", 1: "seq_len"}
-            key = {"kind": "encoder", "config": self.model.config.to_dict(), "weights": self.weights_fingerprint(),
-                   "transforms": self.transforms_applied + self.precision_fix_key(),
-                   "pooling": pooling_key(self.pooling)}
-            result = export_module(
-                wrapper, example, ["output"],
-                {"input_ids": {0: "batch_size", 1: "seq_len"}, "attention_mask": {0: "batch_size", 1: "seq_len"},
-                 "output": out_axes},
-                key, name=_safe_name(self.model_name), external_data=external_data)
-        self.export_result = result
-        self._session = None
-        n_clip = sum(len(p.changes) for p in result.passes if p.name == "FP16ClipConstants")
-        self._record(StepReport("export", "reused" if result.reused else "done", elapsed(),
-                                f"{result.folder.name}/{result.path.name}; {n_clip} constant(s) clipped to fp16",
-                                result))
-        return result.path
+    def export_spec(self) -> ExportSpec:
+        """Encoder + pooling: (input_ids, attention_mask) -> output, dynamic batch_size and seq_len."""
+        out_axes = {0: "batch_size"} if self.pooling is not None else {0: "batch_size", 1: "seq_len"}
+        return ExportSpec(
+            PooledEncoder(self.model, self.pooling),
+            {INPUT_IDS: torch.ones(1, 8, dtype=torch.long), ATTENTION_MASK: torch.ones(1, 8, dtype=torch.long)},
+            ["output"],
+            {INPUT_IDS: {0: "batch_size", 1: "seq_len"}, ATTENTION_MASK: {0: "batch_size", 1: "seq_len"},
+             "output": out_axes},
+            {"pooling": pooling_key(self.pooling)})
 
     # ------------------------------------------------------------------ compile
     def compile(self, num_cores: int = 16, seq_len: int | list[int] = 32, batch_size: int = 1,
-                backend: str | None = None, **compiler_options: Any) -> Path:
+                backend: str | None = None, **compiler_options: Any):
         """Compile for each `seq_len` (one specialization each). backend None: qaic when the SDK is present,
         else ONNX Runtime. Returns the compile folder. Other options (mxfp6_matmul, num_devices, npi, mos,
         dry_run, extra_flags, ...) are validated by qeff_lab.compile.options: an unknown one is an error."""
-        options = check_compile_request(backend, compiler_options)  # fail fast: before the export
         seq_lens = sorted({seq_len} if isinstance(seq_len, int) else set(seq_len))
-        if not seq_lens or any(not isinstance(s, int) or s < 1 for s in seq_lens):
+        if not seq_lens or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in seq_lens):
             raise ValueError(f"seq_len must be a positive int or a list of them, got {seq_len!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if self.export_result is None:
-            self.export()
-        with timed() as elapsed:
-            specs = [{"batch_size": batch_size, "seq_len": s} for s in seq_lens]
-            result = compile_graph(self.export_result.path, specs, backend=backend, num_cores=num_cores,
-                                   options=options, model_info={
-                                       "name": self.model_name, "class": type(self.model).__name__,
-                                       "config": self.model.config.to_dict(), "transforms": self.transforms_applied,
-                                       "pooling": pooling_key(self.pooling)})
-        self.compile_result = result
-        self._session = None
-        self._record(StepReport("compile", "reused" if result.reused else "done", elapsed(),
-                                f"{result.backend} ({result.reason}); seq_len {seq_lens}, batch {batch_size}", result))
-        return result.folder
+        plan = CompilePlan([{"batch_size": batch_size, "seq_len": s} for s in seq_lens],
+                           f"seq_len {seq_lens}, batch {batch_size}",
+                           model_info={"pooling": pooling_key(self.pooling)})
+        return self._compile(plan, backend=backend, num_cores=num_cores, options=compiler_options)
 
     @property
     def seq_lens(self) -> list[int]:
         return [s["seq_len"] for s in self.compile_result.specializations] if self.compile_result else []
-
-    def _get_session(self, device_ids: list[int] | None = None) -> OrtSession:
-        if self.compile_result is None:
-            raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet.")
-        if self._session is None or getattr(self, "_session_devices", None) != device_ids:
-            self._session = open_session(self.compile_result, device_ids=device_ids)  # by the compile's backend
-            self._session_devices = device_ids
-        return self._session
 
     # ------------------------------------------------------------------ run
     def _pick_seq_len(self, length: int) -> int:
@@ -180,7 +108,7 @@ class QEFFAutoModel(QEFFBaseModel):
 
         Each batch is padded to the smallest compiled seq_len that fits and split into the compiled
         batch size. Returns {"output": [batch, hidden]} (pooled) or [batch, seq, hidden] (no pooling)."""
-        session = self._get_session(device_ids)
+        session = self.session(device_ids)
         start_time = time.perf_counter()
         ids = np.asarray(inputs["input_ids"], dtype=np.int64)
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids)), dtype=np.int64)
@@ -206,7 +134,7 @@ class QEFFAutoModel(QEFFBaseModel):
             output = output[:, :length]
         n_batches = len(outs)
         self._record(StepReport(
-            "generate", "done", time.perf_counter() - start_time,
+            Step.GENERATE, "done", time.perf_counter() - start_time,
             f"{ids.shape[0]} input(s) of up to {length} tokens -> seq_len {seq}, {n_batches} batch(es) of {bs}; "
             f"output {tuple(output.shape)}",
             {"inputs": ids.shape[0], "tokens": length, "seq_len": seq, "batch_size": bs, "batches": n_batches,
@@ -253,6 +181,3 @@ def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
-
-def _safe_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split("/")[-1])[:60]

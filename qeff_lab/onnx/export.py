@@ -12,11 +12,13 @@ import torch
 import qeff_lab
 from qeff_lab.onnx.passes import EXTERNAL_DATA_THRESHOLD, clip_fp16, save_model
 from qeff_lab.onnx.inspect import RAW_OP_COUNTS, op_counts
+from qeff_lab.ops.registry import custom_op_counts, source_fingerprint
 from qeff_lab.pipeline import TransformResult, build_artifact, cache_root, fingerprint
 
 OPSET = 17
 ONNX_NAME = "model.onnx"
 PASSES_FILE = "passes.json"
+CUSTOM_OPS_FILE = "custom_ops.json"
 
 
 @dataclass
@@ -27,13 +29,14 @@ class ExportResult:
     reused: bool
     passes: list[TransformResult] = field(default_factory=list)
     key: dict = field(default_factory=dict)
+    custom_ops: dict[str, int] = field(default_factory=dict)  # registered custom op -> nodes in the graph
 
     @property
     def folder(self) -> Path:
         return self.path.parent
 
     def __repr__(self) -> str:
-        return f"<ExportResult {self.folder.name}/{self.path.name}{' (reused)' if self.reused else ''}>"
+        return f"<ExportResult {self.folder.name}/{self.path.name}>"  # no cache state: stable in notebooks
 
 
 def export_module(
@@ -57,6 +60,7 @@ def export_module(
         "qeff_lab": qeff_lab.__version__,
         "external_data": external_data,
         "external_data_threshold": EXTERNAL_DATA_THRESHOLD,
+        "custom_ops_source": source_fingerprint(),
     }
     folder = cache_root() / "export" / f"{name}-{fingerprint(full_key)}"
     reports: list[TransformResult] = []
@@ -74,6 +78,7 @@ def export_module(
         for f in tmp.iterdir():  # the raw export (and any external data it wrote) is replaced below
             f.unlink()
         (tmp / RAW_OP_COUNTS).write_text(json.dumps(op_counts(proto)))  # the graph view's "before the passes"
+        (tmp / CUSTOM_OPS_FILE).write_text(json.dumps(custom_op_counts(proto)))  # raises on an unknown custom op
         reports.append(clip_fp16(proto))
         reports.append(save_model(proto, tmp / ONNX_NAME, external=external_data))
         (tmp / PASSES_FILE).write_text(json.dumps([_report_to_json(r) for r in reports], indent=1))
@@ -81,7 +86,8 @@ def export_module(
     folder, reused = build_artifact(folder, full_key, build)
     if reused:
         reports = [_report_from_json(r) for r in json.loads((folder / PASSES_FILE).read_text())]
-    return ExportResult(folder / ONNX_NAME, reused, reports, full_key)
+    custom = json.loads((folder / CUSTOM_OPS_FILE).read_text())
+    return ExportResult(folder / ONNX_NAME, reused, reports, full_key, custom)
 
 
 def _report_to_json(r: TransformResult) -> dict:

@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qeff_lab.contracts import FP16_MAX
 from qeff_lab.pipeline import Change, TransformResult
 
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 # Above this, weights go to an external file by default: ONNX Runtime then maps them instead of copying them
 # out of the protobuf (about 200 MiB less peak memory for SmolLM2-135M), and large models stay under 2 GB.
 EXTERNAL_DATA_THRESHOLD = 256 << 20

@@ -7,7 +7,7 @@ stored in the file, so ONNX Runtime runs the same graph and a device compiler ca
 from qeff_lab.ops.ctx import CTX_DOMAIN, CtxGather, CtxScatter, ctx_gather, ctx_gather_reference, ctx_scatter, ctx_scatter_reference
 from qeff_lab.ops.rms_norm import RMS_DOMAIN, CustomRMSNorm, rms_norm, rms_norm_reference
 
-CUSTOM_OPS = {"CtxScatter": CTX_DOMAIN.domain, "CtxGather": CTX_DOMAIN.domain, "CustomRMSNorm": RMS_DOMAIN.domain}
+from qeff_lab.ops.registry import CUSTOM_OPS, CustomOp, custom_op_counts
 
-__all__ = ["CTX_DOMAIN", "RMS_DOMAIN", "CUSTOM_OPS", "CtxGather", "CtxScatter", "CustomRMSNorm", "ctx_gather",
+__all__ = ["CTX_DOMAIN", "RMS_DOMAIN", "CUSTOM_OPS", "CustomOp", "custom_op_counts", "CtxGather", "CtxScatter", "CustomRMSNorm", "ctx_gather",
            "ctx_gather_reference", "ctx_scatter", "ctx_scatter_reference", "rms_norm", "rms_norm_reference"]

@@ -5,9 +5,8 @@ import math
 
 import torch
 
-FP16_MAX = 65504.0  # largest finite fp16
-FP16_MIN_NORMAL = 2.0**-14  # ~6.1e-5; below this fp16 is subnormal (fewer significant bits)
-FP16_MIN_SUBNORMAL = 2.0**-24  # ~6e-8
+from qeff_lab.contracts import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL  # noqa: F401  (re-exported)
+
 FLUSH_LIMIT = 2.0**-25  # |x| <= this rounds to 0 in fp16 (round-to-nearest-even: the tie goes to 0)
 
 

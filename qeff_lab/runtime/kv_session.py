@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qeff_lab.contracts import RETAINED_SUFFIX
 from qeff_lab.runtime.session import OrtSession, ShapeNotCompiledError
-
-RETAINED_SUFFIX = "_RetainedState"
 
 
 class OrtKVSession:

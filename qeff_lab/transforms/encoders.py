@@ -10,13 +10,13 @@ from transformers.models.bert.modeling_bert import BertModel
 from transformers.models.roberta.modeling_roberta import RobertaModel
 from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaModel
 
+from qeff_lab.contracts import MASK_VALUE
 from qeff_lab.pipeline import TransformResult
 from qeff_lab.transforms.base import swap_modules
 
-# Large enough that exp(score + MASK_VALUE) is exactly 0 in fp16 and fp32, small enough that adding it
-# to any realistic attention score stays finite in fp16 (|x| <= 65504). torch.finfo(float32).min, which
-# HF uses, is -inf in fp16 and turns a fully padded row into NaN.
-MASK_VALUE = -10000.0
+# qeff_lab.contracts.MASK_VALUE: exp(score + MASK_VALUE) is exactly 0 in fp16 and fp32, and adding it to any
+# realistic attention score stays finite in fp16. torch.finfo(float32).min, which HF uses, is -inf in fp16 and
+# turns a fully padded row into NaN.
 
 
 def fp16_safe_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

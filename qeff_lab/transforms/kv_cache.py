@@ -21,12 +21,9 @@ import torch
 from torch import nn
 
 from qeff_lab.ops import ctx_gather, ctx_scatter, rms_norm
+from qeff_lab.contracts import MASK_VALUE
 from qeff_lab.pipeline import Change, TransformResult
-
-# A masked score is replaced (with `where`, never added) by this value before an fp32 softmax: exp() of it
-# relative to any real score is exactly 0, and unlike finfo(float32).min it stays finite in fp16. A fully
-# masked (padding) row then averages zeroed values instead of producing NaN.
-MASK_VALUE = -10000.0
+from qeff_lab.transforms.base import swap_modules, swapped_by
 
 # Rope types whose frequencies do not depend on the sequence length: they fit in a precomputed table.
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -301,23 +298,22 @@ def kv_cache_transform(model: nn.Module, family: Family) -> SwapResult:
     """Swap `family`'s HF classes for the retained-state blocks (exact classes only) and report the modules
     of that family's classes that stay as they are (and any subclass the table does not know)."""
     family.check(model.config)
-    result = SwapResult("RetainedStateKVCache")
-    swapped = []
+    swapped = swap_modules(model, family.swaps, "RetainedStateKVCache", family.why)
+    result = SwapResult(swapped.name, swapped.changes)
     for path, module in model.named_modules():
-        old = type(module)
-        new = family.swaps.get(old)
-        if new is None:
-            if old.__module__ == family.hf_module or any(issubclass(old, k) for k in family.swaps):
-                why = KEPT_WHY if old.__module__ == family.hf_module else "subclass of a known class: not swapped (exact classes only)"
-                result.kept.append(Change(path or "<root>", old.__name__, old.__name__, why))
+        cls = type(module)
+        if "RetainedStateKVCache" in swapped_by(module):
             continue
-        module.__class__ = new
-        swapped.append(module)
-        result.changes.append(Change(path or "<root>", old.__name__, new.__name__, family.why.get(old, "")))
-    for module in swapped:
-        init = getattr(module, "qeff_init", None)
-        if init is not None:
-            init()
+        if cls.__module__ == family.hf_module:
+            result.kept.append(Change(path or "<root>", cls.__name__, cls.__name__, KEPT_WHY))
+        elif any(issubclass(cls, k) for k in family.swaps):
+            result.kept.append(Change(path or "<root>", cls.__name__, cls.__name__,
+                                      "subclass of a known class: not swapped (exact classes only)"))
+    for module in model.modules():
+        if "RetainedStateKVCache" in swapped_by(module):
+            init = getattr(module, "qeff_init", None)
+            if init is not None:
+                init()
     if not result.changes:
         result.notes.append(f"no module of {family.name}'s classes ({', '.join(sorted(c.__name__ for c in family.swaps))})")
     return result

@@ -10,18 +10,20 @@ from typing import Any, Callable, Iterator
 import ipywidgets as widgets
 import pandas as pd
 
+from qeff_lab.contracts import Step
 from qeff_lab.views.tables import COLORS, _badge, _details_html
 
 # The stages a model goes through, in order. A stage counts as run when any of its step names is in model.steps;
 # the ones not run yet are listed after the recorded steps, greyed out.
+# Step names are the ones the models record (qeff_lab.contracts.Step).
 STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("load", ("load",)),
-    ("analyze", ("analyze", "profile", "precision")),
-    ("transform", ("transform", "transforms", "fixes")),
-    ("export", ("export",)),
-    ("compile", ("compile",)),
-    ("run", ("generate", "run", "execute", "infer", "embed")),
-    ("compare", ("compare", "accuracy", "ladder", "parity")),
+    (Step.LOAD, (Step.LOAD,)),
+    (Step.ANALYZE, (Step.ANALYZE,)),
+    (Step.TRANSFORM, (Step.TRANSFORM, Step.PRECISION_FIXES)),
+    (Step.EXPORT, (Step.EXPORT,)),
+    (Step.COMPILE, (Step.COMPILE,)),
+    (Step.GENERATE, (Step.GENERATE,)),
+    (Step.COMPARE, (Step.COMPARE,)),
 ]
 PASSES_ROW = "onnx passes"  # shown under "export", from the export step's own report
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from qeff_lab.ops import CUSTOM_OPS, ctx_gather, ctx_gather_reference, ctx_scatter, ctx_scatter_reference, rms_norm
+from qeff_lab.ops import CUSTOM_OPS, custom_op_counts, ctx_gather, ctx_gather_reference, ctx_scatter, ctx_scatter_reference, rms_norm
 
 
 class _Ops(torch.nn.Module):
@@ -41,10 +41,27 @@ def _case(seed=0):
 
 def test_exported_as_custom_domain_nodes_with_function_bodies(ops_session):
     model, _ = ops_session
+    used = ["CtxScatter", "CtxGather", "CustomRMSNorm"]
     nodes = {(n.domain, n.op_type) for n in model.graph.node}
-    assert {(d, op) for op, d in CUSTOM_OPS.items()} <= nodes
-    assert {f.name for f in model.functions} >= set(CUSTOM_OPS)
-    assert {o.domain for o in model.opset_import} >= set(CUSTOM_OPS.values())
+    assert {(CUSTOM_OPS[op].domain, op) for op in used} <= nodes
+    assert {f.name for f in model.functions} >= set(used)
+    assert {o.domain for o in model.opset_import} >= {CUSTOM_OPS[op].domain for op in used}
+    assert custom_op_counts(model) == {op: 1 for op in sorted(used)}
+
+
+def test_registry_rejects_an_unknown_custom_node_and_a_missing_body(ops_session):
+    from qeff_lab.ops.registry import UnknownCustomOpError
+
+    model, _ = ops_session
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    del broken.functions[:]
+    with pytest.raises(UnknownCustomOpError, match="no function body"):
+        custom_op_counts(broken)
+    broken.CopyFrom(model)
+    next(n for n in broken.graph.node if n.op_type == "CtxGather").op_type = "CtxGatherV9"
+    with pytest.raises(UnknownCustomOpError, match="does not know"):
+        custom_op_counts(broken)
 
 
 def test_scatter_writes_real_positions_and_padding_touches_nothing():

@@ -72,6 +72,14 @@ class QEFFAutoModel(QEFFBaseModel):
              "output": out_axes},
             {"pooling": pooling_key(self.pooling)})
 
+    def _output_name(self) -> str:
+        return "output"
+
+    @property
+    def _per_token(self) -> bool:
+        """True when the graph returns one row per token (no pooling): outputs are cut back to the input length."""
+        return self.pooling is None
+
     # ------------------------------------------------------------------ compile
     def compile(self, num_cores: int = 16, seq_len: int | list[int] = 32, batch_size: int = 1,
                 backend: str | None = None, **compiler_options: Any):
@@ -127,10 +135,10 @@ class QEFFAutoModel(QEFFBaseModel):
             if real < bs:  # a device runs only the compiled batch size: pad with empty rows, drop them after
                 chunk_ids = np.concatenate([chunk_ids, np.zeros((bs - real, seq), np.int64)])
                 chunk_mask = np.concatenate([chunk_mask, np.zeros((bs - real, seq), np.int64)])
-            out = session.run({"input_ids": chunk_ids, "attention_mask": chunk_mask})["output"]
+            out = session.run({"input_ids": chunk_ids, "attention_mask": chunk_mask})[self._output_name()]
             outs.append(out[:real])
         output = np.concatenate(outs)
-        if self.pooling is None:
+        if self._per_token:
             output = output[:, :length]
         n_batches = len(outs)
         self._record(StepReport(
@@ -139,7 +147,7 @@ class QEFFAutoModel(QEFFBaseModel):
             f"output {tuple(output.shape)}",
             {"inputs": ids.shape[0], "tokens": length, "seq_len": seq, "batch_size": bs, "batches": n_batches,
              "output_shape": tuple(output.shape), "backend": self.compile_result.backend}))
-        return {"output": output}
+        return {self._output_name(): output}
 
     def embed(self, texts: list[str] | str, normalize: bool = False) -> np.ndarray:
         """Tokenize `texts` with the model's tokenizer (truncated to the largest compiled seq_len) and run.
@@ -151,7 +159,7 @@ class QEFFAutoModel(QEFFBaseModel):
             raise ValueError("embed() needs at least one text.")
         if self.compile_result is None:
             raise RuntimeError("Call compile(...) before embed(...): nothing is compiled yet.")
-        if self.pooling is None:
+        if self._per_token:
             raise ValueError("embed() needs a pooling (rows differ in length); use generate() for per-token states.")
         ids = self.tokenizer(texts, truncation=True, max_length=max(self.seq_lens))["input_ids"]
         order = np.argsort([-len(x) for x in ids], kind="stable")
@@ -165,7 +173,7 @@ class QEFFAutoModel(QEFFBaseModel):
             mask = np.zeros((len(rows), width), np.int64)
             for r, i in enumerate(rows):
                 batch[r, :len(ids[i])], mask[r, :len(ids[i])] = ids[i], 1
-            emb = self.generate({"input_ids": batch, "attention_mask": mask})["output"]
+            emb = self.generate({"input_ids": batch, "attention_mask": mask})[self._output_name()]
             if out is None:
                 out = np.zeros((len(texts), emb.shape[-1]), emb.dtype)
             out[rows] = emb

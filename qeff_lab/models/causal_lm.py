@@ -141,7 +141,8 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         plan = CompilePlan(
             [{"batch_size": batch_size, "seq_len": prefill_seq_len, "ctx_len": ctx_len},
              {"batch_size": batch_size, "seq_len": 1, "ctx_len": ctx_len}],
-            f"prefill {prefill_seq_len}, decode 1, ctx {ctx_len}, batch {batch_size}, KV {kv_dtype}",
+            (f"prefill {prefill_seq_len}, decode 1" if prefill_seq_len > 1 else "decode 1 (prefill runs it token by "
+             "token)") + f", ctx {ctx_len}, batch {batch_size}, KV {kv_dtype}",
             spec_names=["Prefill", "Decode"],
             custom_io={n: kv_dtype for name in past for n in (name, retained(name))},
             model_info={"mxint8_kv_cache": mxint8_kv_cache})

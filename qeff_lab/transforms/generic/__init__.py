@@ -31,8 +31,11 @@ Traps handled
 - `set_attn_implementation` only warns when a model cannot take it: checked after the call.
 - MoE "eager" experts loop over the experts hit (data-dependent, frozen by tracing); "grouped_mm" has no ONNX
   lowering: dense experts instead.
-- logits: HF's own `logits_to_keep` with a `[B, 1]` index tensor (gathered before lm_head, then the model's final
-  soft-capping / logit scaling runs as usual).
+- logits: a forward pre-hook on the output embeddings gathers each row's last valid hidden state (argmax of
+  position_ids) before the vocab projection, so the model's own final soft-capping / logit scaling runs on
+  [B, 1, V]. Not HF's `logits_to_keep` with a [B, 1] tensor: that lowers to `take_along_dim`, which the
+  TorchScript ONNX exporter (opset 17) cannot export.
+- Threads: nothing here; but tiny models on a shared machine run 15x faster with torch.set_num_threads(1).
 """
 from qeff_lab.transforms.generic.cache import RetainedStateCache, UnsupportedArchitectureError
 from qeff_lab.transforms.generic.support import Support, check_support

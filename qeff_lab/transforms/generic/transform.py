@@ -30,14 +30,19 @@ class RetainedStateCausalLM:
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values):
         cache = RetainedStateCache(past_key_values, position_ids, self._qeff_sliding, self.config.model_type)
         last = position_ids.argmax(dim=1, keepdim=True)  # [B, 1]: each row's last valid position
-        kwargs = {self._qeff_cache_kw: cache, "use_cache": True}
-        if self._qeff_logits_to_keep:
-            kwargs["logits_to_keep"] = last  # HF's slice_logits_to_keep: take_along_dim before lm_head
-        # learned position tables (gpt2) index with position_ids: padding (-1) reads row 0, the cache keeps -1
-        out = super().forward(input_ids=input_ids, position_ids=position_ids.clamp(min=0), **kwargs)
+        head = self.get_output_embeddings() if self._qeff_head_hook else None
+        if head is not None:
+            head._qeff_last_index = last  # read by the pre-hook on the head: gather before the vocab projection
+        try:
+            # learned position tables (gpt2) index with position_ids: padding (-1) reads row 0, the cache keeps -1
+            out = super().forward(input_ids=input_ids, position_ids=position_ids.clamp(min=0),
+                                  **{self._qeff_cache_kw: cache}, use_cache=True)
+        finally:
+            if head is not None:
+                head._qeff_last_index = None
         logits = out.logits if hasattr(out, "logits") else out[0]
-        if not self._qeff_logits_to_keep:
-            logits = torch.take_along_dim(logits, last[..., None], dim=1)
+        if head is None:  # no output-embedding module to hook: every position was projected, keep the last valid
+            logits = _gather_rows(logits, last)
         return logits.to(torch.float32), cache.buffers()
 
     def kv_cache_layout(self) -> list[tuple[int, int]]:
@@ -47,6 +52,20 @@ class RetainedStateCausalLM:
     def new_kv_cache(self, batch_size: int, ctx_len: int, dtype=torch.float32):
         return [(torch.zeros(batch_size, h, ctx_len, d, dtype=dtype), torch.zeros(batch_size, h, ctx_len, d, dtype=dtype))
                 for h, d in self._qeff_layout]
+
+
+def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, X], index [B, 1] -> [B, 1, X] (torch.gather: the TorchScript exporter has no take_along_dim)."""
+    return torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _gather_last_hidden(head: nn.Module, args):
+    """Forward pre-hook on the output embeddings: only each row's last valid hidden state reaches the vocab
+    projection, so the model's own final steps (soft-capping, logit scaling) run on [B, 1, V]."""
+    index = getattr(head, "_qeff_last_index", None)
+    if index is None:
+        return None
+    return (_gather_rows(args[0], index), *args[1:])
 
 
 _CLASSES: dict[type, type] = {}
@@ -151,7 +170,10 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
     model._qeff_layout = layout
     model._qeff_sliding = _sliding_layers(config, len(layout))
     model._qeff_cache_kw = cache_kw
-    model._qeff_logits_to_keep = "logits_to_keep" in params
+    head = model.get_output_embeddings()
+    model._qeff_head_hook = head is not None
+    if head is not None:
+        undo["hook"] = head.register_forward_pre_hook(_gather_last_hidden)
     old_cls = type(model)
     model.__class__ = _retained_class(old_cls)
 
@@ -175,11 +197,19 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
         result.changes.append(Change(f"cache.layers.{i}", "DynamicLayer", "RetainedStateLayer",
                                      f"[batch, {h}, ctx_len, {d}]; CtxScatter at position_ids, CtxGather of the context"
                                      + ("; sliding window applied by the model's mask" if sliding else "")))
-    if not model._qeff_logits_to_keep:
-        result.notes.append("forward has no logits_to_keep: logits for every position are computed, then gathered")
+    if head is None:
+        result.notes.append("no output embeddings module: logits for every position are computed, then gathered")
+    else:
+        result.changes.append(Change(_path_of(model, head), type(head).__name__, f"{type(head).__name__} (+ pre-hook)",
+                                     "only each row's last valid hidden state (argmax of position_ids) is projected "
+                                     "to the vocabulary; logits [B, 1, V]"))
     if rope_tables and max_positions(config):
         result.changes.extend(apply_rope_tables(model, max_positions(config)))
     return result
+
+
+def _path_of(model: nn.Module, target: nn.Module) -> str:
+    return next((path for path, m in model.named_modules() if m is target), "?")
 
 
 def undo_generic_kv_transform(model: nn.Module) -> None:
@@ -192,5 +222,7 @@ def undo_generic_kv_transform(model: nn.Module) -> None:
     if undo["experts"] is not None and model.config._experts_implementation != undo["experts"]:
         model.set_experts_implementation(undo["experts"])
     remove_rope_tables(model)
-    for name in ("_qeff_generic_undo", "_qeff_layout", "_qeff_sliding", "_qeff_cache_kw", "_qeff_logits_to_keep"):
+    if "hook" in undo:
+        undo["hook"].remove()
+    for name in ("_qeff_generic_undo", "_qeff_layout", "_qeff_sliding", "_qeff_cache_kw", "_qeff_head_hook"):
         model.__dict__.pop(name, None)

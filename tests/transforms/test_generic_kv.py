@@ -151,7 +151,7 @@ def test_sliding_window_is_applied_beyond_the_window():
 
 @pytest.mark.parametrize("build, expected", [
     (lambda: tf.MambaForCausalLM(tf.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=4)),
-     r"^mamba: state-space / recurrent layers .*ssm_state_size|^mamba: .*recurrent"),
+     r"^mamba: MambaMixer .*recurrent state.*transformers. own generate"),
     (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=VOCAB)),
      r"^t5: encoder-decoder"),
     (lambda: tf.FalconForCausalLM(tf.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

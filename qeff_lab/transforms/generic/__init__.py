@@ -35,7 +35,6 @@ Traps handled
   position_ids) before the vocab projection, so the model's own final soft-capping / logit scaling runs on
   [B, 1, V]. Not HF's `logits_to_keep` with a [B, 1] tensor: that lowers to `take_along_dim`, which the
   TorchScript ONNX exporter (opset 17) cannot export.
-- Threads: nothing here; but tiny models on a shared machine run 15x faster with torch.set_num_threads(1).
 """
 from qeff_lab.transforms.generic.cache import RetainedStateCache, UnsupportedArchitectureError
 from qeff_lab.transforms.generic.support import Support, check_support

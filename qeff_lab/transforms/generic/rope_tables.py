@@ -33,10 +33,17 @@ def _table_forward(self, x: torch.Tensor, position_ids: torch.Tensor):
     return self.qeff_cos_table[index].to(x.dtype), self.qeff_sin_table[index].to(x.dtype)
 
 
-def apply_rope_tables(model: nn.Module, max_positions: int) -> list[Change]:
-    changes = []
+def apply_rope_tables(model: nn.Module, max_positions: int) -> tuple[list[Change], list[str]]:
+    """(changes, notes): rotary modules of another shape keep computing cos/sin at run time, and are noted."""
+    changes, notes = [], []
     for path, module in model.named_modules():
-        if not is_rotary(module) or "qeff_cos_table" in module._buffers:
+        if "qeff_cos_table" in module._buffers:
+            continue
+        if not is_rotary(module):
+            if (isinstance(getattr(module, "inv_freq", None), torch.Tensor)
+                    or type(module).__name__.endswith("RotaryEmbedding")):
+                notes.append(f"{path} ({type(module).__name__}): forward{inspect.signature(type(module).forward)} is "
+                             "not (x, position_ids); cos/sin stay computed at run time (trigonometry in the graph)")
             continue
         with torch.no_grad():
             positions = torch.arange(max_positions, device=module.inv_freq.device)[None]
@@ -46,7 +53,7 @@ def apply_rope_tables(model: nn.Module, max_positions: int) -> list[Change]:
         module.forward = types.MethodType(_table_forward, module)
         name = type(module).__name__
         changes.append(Change(path, name, f"{name} (tables [{max_positions}, {cos.shape[-1]}])", WHY))
-    return changes
+    return changes, notes
 
 
 def remove_rope_tables(model: nn.Module) -> None:

@@ -79,30 +79,54 @@ def _unconditional_seq_length_calls(module_name: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+@lru_cache(maxsize=None)
+def _classes_calling(module_name: str, methods: tuple[str, ...]) -> tuple[str, ...]:
+    """Classes of a modeling file whose methods call any of `methods` (e.g. the recurrent-state updates)."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(module_name)))
+    found = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        if any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr in methods
+               for c in ast.walk(cls)):
+            found.append(cls.name)
+    return tuple(found)
+
+
+RECURRENT_CALLS = ("update_conv_state", "update_recurrent_state", "get_recurrent_state", "get_conv_state")
+UNSUPPORTED_TODO = "not supported by the retained-state path (run it with transformers' own generate instead)"
+
+
+def _recurrent_layers(config) -> str:
+    module = _modeling_module(config)
+    names = _classes_calling(module.__name__, RECURRENT_CALLS) if module is not None else ()
+    return ", ".join(names[:2]) or "its recurrent layers"
+
+
 def check_support(config_or_model) -> Support:
     """Whether `generic_kv_transform` can run this config / model exactly; if not, a one-line reason."""
     config = getattr(config_or_model, "config", config_or_model)
     mt = getattr(config, "model_type", None) or type(config).__name__
     if getattr(config, "is_encoder_decoder", False):
-        return Support(False, f"{mt}: encoder-decoder (the decoder cross-attends to encoder states, which this "
-                              "cache does not hold); export encoder and decoder separately, or use a decoder-only model.")
+        return Support(False, f"{mt}: encoder-decoder (its decoder's cross-attention reads encoder states, which a "
+                              "retained self-attention cache does not hold); use a decoder-only model, or an "
+                              "encoder-decoder override that exports encoder and decoder separately.")
     if getattr(config, "add_cross_attention", False):
         return Support(False, f"{mt}: cross-attention layers (add_cross_attention=True) read encoder states the "
                               "retained cache does not hold; load the model without cross-attention.")
     layer_types = getattr(config, "layer_types", None) or []
     other = sorted(set(layer_types) - ATTENTION_LAYER_TYPES)
     if other:
-        return Support(False, f"{mt}: layer type(s) {other} are not attention over a KV cache (state-space, "
-                              "recurrent or linear-attention state); they need their own retained conv/recurrent "
-                              "state, which this path does not provide.")
+        return Support(False, f"{mt}: {_recurrent_layers(config)} (layer type {', '.join(other)}) keeps a "
+                              "state-space / recurrent state, not a [kv_heads, ctx_len, head_dim] KV cache; "
+                              f"{UNSUPPORTED_TODO}.")
     fields = [f for f in RECURRENT_FIELDS if getattr(config, f, None) is not None]
     if fields:
-        return Support(False, f"{mt}: state-space / recurrent layers (config has {', '.join(fields)}); their state "
-                              "is not a [kv_heads, ctx_len, head_dim] KV cache. Not supported by the retained-state path.")
+        return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a state-space / recurrent state (config has "
+                              f"{', '.join(fields)}), not a [kv_heads, ctx_len, head_dim] KV cache; {UNSUPPORTED_TODO}.")
     if getattr(config, "kv_lora_rank", None) is not None:
         return Support(False, f"{mt}: multi-head latent attention (kv_lora_rank={config.kv_lora_rank}); keys and "
                               "values are rebuilt from a compressed latent with different K/V head sizes, so a "
-                              "retained [kv_heads, ctx_len, head_dim] buffer pair does not fit. Needs an MLA override.")
+                              "retained [kv_heads, ctx_len, head_dim] buffer pair does not fit; needs an MLA override that retains "
+                              "the compressed latent.")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_types = {rope.get("rope_type", rope.get("type"))} if isinstance(rope, dict) else set()
     if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()):  # per layer type
@@ -120,8 +144,8 @@ def check_support(config_or_model) -> Support:
                                   "or the family swap path.")
         source = inspect.getsource(module)
         if "update_recurrent_state" in source or "update_conv_state" in source:
-            return Support(False, f"{mt}: recurrent / convolutional layer state (cache.update_recurrent_state); "
-                                  "not a KV cache. Not supported by the retained-state path.")
+            return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a recurrent / convolutional state "
+                                  f"(cache.update_recurrent_state), not a KV cache; {UNSUPPORTED_TODO}.")
         if "ALL_ATTENTION_FUNCTIONS" not in source:
             return Support(False, f"{mt}: its attention does not dispatch through AttentionInterface "
                                   "(set_attn_implementation cannot reach it); needs a named override.")

@@ -204,7 +204,9 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
                                      "only each row's last valid hidden state (argmax of position_ids) is projected "
                                      "to the vocabulary; logits [B, 1, V]"))
     if rope_tables and max_positions(config):
-        result.changes.extend(apply_rope_tables(model, max_positions(config)))
+        changes, notes = apply_rope_tables(model, max_positions(config))
+        result.changes.extend(changes)
+        result.notes.extend(notes)
     return result
 
 

@@ -1,0 +1,152 @@
+"""Can the generic retained-state path run this model? One line naming the model type, the obstacle and what to do.
+
+Checks from the config and the model's own source, before anything is loaded or changed; the transform then
+confirms with one probe forward (which also catches what source reading cannot, e.g. a model that never calls
+`cache.update`).
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from dataclasses import dataclass
+from functools import lru_cache
+
+# Config fields that only state-space / recurrent / linear-attention models carry.
+RECURRENT_FIELDS = ("ssm_state_size", "state_size", "mamba_d_state", "mamba_expand", "conv_kernel", "d_conv",
+                    "layers_block_type", "hybrid_override_pattern", "attn_layer_period", "block_types",
+                    "linear_attn_config", "rwkv_version", "time_step_rank", "lru_width")
+ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attention"}
+DYNAMIC_ROPE = {"dynamic", "longrope"}
+
+
+@dataclass(frozen=True)
+class Support:
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __repr__(self) -> str:
+        return "<Support ok>" if self.ok else f"<Support no: {self.reason}>"
+
+
+def _modeling_module(config):
+    model_type = getattr(config, "model_type", "")
+    try:
+        return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
+
+
+@lru_cache(maxsize=None)
+def _unconditional_seq_length_calls(module_name: str) -> tuple[str, ...]:
+    """`forward` methods that call `*.get_seq_length()` outside an `if position_ids is None:` branch."""
+    source = inspect.getsource(importlib.import_module(module_name))
+    found = []
+
+    class Visitor(ast.NodeVisitor):
+        def __init__(self):
+            self.cls, self.func, self.guarded = None, None, 0
+
+        def visit_ClassDef(self, node):
+            outer, self.cls = self.cls, node.name
+            self.generic_visit(node)
+            self.cls = outer
+
+        def visit_FunctionDef(self, node):
+            outer, self.func = self.func, node.name
+            self.generic_visit(node)
+            self.func = outer
+
+        def visit_If(self, node):
+            guard = "position_ids" in ast.unparse(node.test) and "None" in ast.unparse(node.test)
+            self.guarded += guard
+            for child in node.body:
+                self.visit(child)
+            self.guarded -= guard
+            for child in node.orelse:
+                self.visit(child)
+
+        def visit_Call(self, node):
+            if (isinstance(node.func, ast.Attribute) and node.func.attr == "get_seq_length" and self.func == "forward"
+                    and not self.guarded):
+                found.append(f"{self.cls}.forward")
+            self.generic_visit(node)
+
+    Visitor().visit(ast.parse(source))
+    return tuple(dict.fromkeys(found))
+
+
+@lru_cache(maxsize=None)
+def _classes_calling(module_name: str, methods: tuple[str, ...]) -> tuple[str, ...]:
+    """Classes of a modeling file whose methods call any of `methods` (e.g. the recurrent-state updates)."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(module_name)))
+    found = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        if any(isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr in methods
+               for c in ast.walk(cls)):
+            found.append(cls.name)
+    return tuple(found)
+
+
+RECURRENT_CALLS = ("update_conv_state", "update_recurrent_state", "get_recurrent_state", "get_conv_state")
+UNSUPPORTED_TODO = "not supported by the retained-state path (run it with transformers' own generate instead)"
+
+
+def _recurrent_layers(config) -> str:
+    module = _modeling_module(config)
+    names = _classes_calling(module.__name__, RECURRENT_CALLS) if module is not None else ()
+    return ", ".join(names[:2]) or "its recurrent layers"
+
+
+def check_support(config_or_model) -> Support:
+    """Whether `generic_kv_transform` can run this config / model exactly; if not, a one-line reason."""
+    config = getattr(config_or_model, "config", config_or_model)
+    mt = getattr(config, "model_type", None) or type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        return Support(False, f"{mt}: encoder-decoder (its decoder's cross-attention reads encoder states, which a "
+                              "retained self-attention cache does not hold); use a decoder-only model, or an "
+                              "encoder-decoder override that exports encoder and decoder separately.")
+    if getattr(config, "add_cross_attention", False):
+        return Support(False, f"{mt}: cross-attention layers (add_cross_attention=True) read encoder states the "
+                              "retained cache does not hold; load the model without cross-attention.")
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted(set(layer_types) - ATTENTION_LAYER_TYPES)
+    if other:
+        return Support(False, f"{mt}: {_recurrent_layers(config)} (layer type {', '.join(other)}) keeps a "
+                              "state-space / recurrent state, not a [kv_heads, ctx_len, head_dim] KV cache; "
+                              f"{UNSUPPORTED_TODO}.")
+    fields = [f for f in RECURRENT_FIELDS if getattr(config, f, None) is not None]
+    if fields:
+        return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a state-space / recurrent state (config has "
+                              f"{', '.join(fields)}), not a [kv_heads, ctx_len, head_dim] KV cache; {UNSUPPORTED_TODO}.")
+    if getattr(config, "kv_lora_rank", None) is not None:
+        return Support(False, f"{mt}: multi-head latent attention (kv_lora_rank={config.kv_lora_rank}); keys and "
+                              "values are rebuilt from a compressed latent with different K/V head sizes, so a "
+                              "retained [kv_heads, ctx_len, head_dim] buffer pair does not fit; needs an MLA override that retains "
+                              "the compressed latent.")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_types = {rope.get("rope_type", rope.get("type"))} if isinstance(rope, dict) else set()
+    if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values()):  # per layer type
+        rope_types = {v.get("rope_type") for v in rope.values()}
+    if rope_types & DYNAMIC_ROPE:
+        return Support(False, f"{mt}: rope_type {sorted(rope_types & DYNAMIC_ROPE)} recomputes frequencies from the "
+                              "sequence length seen in each call; a compiled graph needs static frequencies. Use a "
+                              "checkpoint with a static rope type (default, linear, llama3, yarn).")
+    module = _modeling_module(config)
+    if module is not None:
+        calls = _unconditional_seq_length_calls(module.__name__)
+        if calls:
+            return Support(False, f"{mt}: {calls[0]} calls cache.get_seq_length() on every call (a retained cache "
+                                  "has no single length; positions come from position_ids); needs a named override "
+                                  "or the family swap path.")
+        source = inspect.getsource(module)
+        if "update_recurrent_state" in source or "update_conv_state" in source:
+            return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a recurrent / convolutional state "
+                                  f"(cache.update_recurrent_state), not a KV cache; {UNSUPPORTED_TODO}.")
+        if "ALL_ATTENTION_FUNCTIONS" not in source:
+            return Support(False, f"{mt}: its attention does not dispatch through AttentionInterface "
+                                  "(set_attn_implementation cannot reach it); needs a named override.")
+    return Support(True)

@@ -69,22 +69,50 @@ class CompilePlan:
     model_info: dict = field(default_factory=dict)
 
 
+# Packages whose code never ends up in an exported graph: not followed when collecting a graph's source.
+_NOT_IN_GRAPH = ("qeff_lab.views", "qeff_lab.runtime", "qeff_lab.compile", "qeff_lab.accuracy", "qeff_lab.cli",
+                 "qeff_lab.commands", "qeff_lab.models")
+
+
 def code_fingerprint(model: nn.Module, *extra: Any) -> tuple[str, list[str]]:
-    """(hash, module names) of the qeff_lab source that shapes an export: every module defining a class in the
-    MRO of any submodule (swapped blocks and their shared mixins), the modules of `extra` objects (transform
-    functions, wrapper classes), the custom ops and the export passes."""
-    names = {"qeff_lab.onnx.export", "qeff_lab.onnx.passes", "qeff_lab.ops.registry"}
+    """(hash, module names) of the source that shapes an export: the modules defining every class in the MRO
+    of any submodule (swapped blocks, their mixins, and the transformers modeling code the generic path runs),
+    the modules of `extra` objects (transform functions, the export wrapper), everything in qeff_lab those
+    import (custom ops, contracts, ...), the export passes and the transformers version."""
+    roots = {"qeff_lab.onnx.export", "qeff_lab.onnx.passes", "qeff_lab.ops.registry", "qeff_lab.contracts"}
     for module in model.modules():
-        names.update(k.__module__ for k in type(module).__mro__ if k.__module__.startswith("qeff_lab."))
+        roots.update(k.__module__ for k in type(module).__mro__
+                     if k.__module__.startswith(("qeff_lab.", "transformers.models.")))
     for obj in extra:
         mod = getattr(obj, "__module__", None) or type(obj).__module__
-        if mod and mod.startswith("qeff_lab."):
-            names.add(mod)
-    h = hashlib.sha256()
+        inner = getattr(obj, "func", None)  # functools.partial
+        roots.update(m for m in (mod, getattr(inner, "__module__", None)) if m)
+    names = _with_qeff_imports(roots)
+    h = hashlib.sha256(f"transformers {importlib.import_module('transformers').__version__}".encode())
     for name in sorted(names):
         h.update(name.encode())
         h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()[:16], sorted(names)
+
+
+def _with_qeff_imports(roots: set[str]) -> set[str]:
+    """`roots` (qeff_lab and transformers modeling modules) plus every qeff_lab module they import, transitively
+    (skipping the packages in _NOT_IN_GRAPH beyond the roots themselves)."""
+    import sys
+
+    seen: set[str] = set()
+    todo = [r for r in roots if r.startswith(("qeff_lab.", "transformers.models."))]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for value in vars(sys.modules.get(name) or importlib.import_module(name)).values():
+            dep = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if (isinstance(dep, str) and dep.startswith("qeff_lab.") and dep not in seen
+                    and not dep.startswith(_NOT_IN_GRAPH)):
+                todo.append(dep)
+    return seen
 
 
 class QEFFBaseModel(HtmlRepr):

@@ -1,6 +1,7 @@
 """QEFFAutoModelForCausalLM: decoders with a retained-state KV cache (declares only what differs from the base)."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -11,12 +12,15 @@ from qeff_lab.models.base import CompilePlan, ExportSpec, QEFFBaseModel, Unsuppo
 from qeff_lab.pipeline import StepReport
 from qeff_lab.runtime.generation import GenerationResult, TorchKVRunner, generate_ids
 from qeff_lab.transforms.families import FAMILIES
+from qeff_lab.transforms.generic import check_support, generic_kv_transform, max_ctx_len
 from qeff_lab.transforms.kv_cache import Family, SwapResult, kv_cache_transform
 
 RUNTIMES = ("compiled", "pytorch")
 
 
 def supported_families() -> str:
+    """The hand-written families; every other decoder whose attention goes through transformers' interfaces
+    takes the generic path (see qeff_lab.transforms.generic.check_support)."""
     return ", ".join(f"{f.name} ({f.model_type})" for f in FAMILIES.values())
 
 
@@ -48,19 +52,29 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
 
     def __init__(self, model: nn.Module, resolved):
         super().__init__(model, resolved)
-        self.family = self.family_for(model.config, type(model).__name__)
+        self.family = FAMILIES.get(getattr(model.config, "model_type", None))  # None: the generic path
         self.compile_shapes: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ what differs
     @staticmethod
-    def family_for(config, what: str) -> Family:
+    def family_for(config, what: str) -> Family | None:
+        """The hand-written family for this model type, or None when the generic path (transformers' own
+        Cache / attention / mask interfaces) takes it. Raises UnsupportedModelError when neither can."""
         family = FAMILIES.get(getattr(config, "model_type", None))
-        if family is None:
-            archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown architecture"
+        if family is not None:
+            return family
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+        if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
             raise UnsupportedModelError(
-                f"{what} is a {getattr(config, 'model_type', None)!r} model ({archs}); QEFFAutoModelForCausalLM "
-                f"supports {supported_families()}. For encoders use QEFFAutoModel.")
-        return family
+                f"{what} is a {config.model_type!r} model ({', '.join(getattr(config, 'architectures', None) or [])}),"
+                " an encoder: QEFFAutoModelForCausalLM takes decoders (the families "
+                f"{supported_families()}, and any other decoder through transformers' attention interfaces). "
+                "For encoders use QEFFAutoModel.")
+        support = check_support(config)
+        if not support:
+            raise UnsupportedModelError(f"{what}: {support.reason}")
+        return None
 
     @classmethod
     def check_supported(cls, config, what: str) -> None:
@@ -74,21 +88,34 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
     def from_model(cls, model: nn.Module, name: str = "in-memory", transform: bool = True):
         """Wrap an already-built HF causal LM (e.g. a tiny random config in a test). It is changed in place."""
         family = cls.family_for(model.config, type(model).__name__)
-        if not isinstance(model, family.causal_lm):
+        if family is not None and not isinstance(model, family.causal_lm):
             raise UnsupportedModelError(f"{type(model).__name__} is a {family.name} model but not its causal LM "
                                         f"class {family.causal_lm.__name__}.")
         return super().from_model(model, name=name, transform=transform)
 
+    @property
+    def path(self) -> str:
+        """"family <name>" (hand-written retained-state blocks) or "generic" (transformers' interfaces)."""
+        return f"family {self.family.name}" if self.family is not None else "generic"
+
     def _load_details(self, config) -> dict:
-        return {"family": self.family.name,
+        return {"family": self.family.name if self.family is not None else None, "path": self.path,
                 "kv_heads": getattr(config, "num_key_value_heads", getattr(config, "num_attention_heads", None)),
                 "vocab": config.vocab_size}
 
     def _pytorch_transforms(self):
-        return [lambda model: kv_cache_transform(model, self.family)]
+        if self.family is None:
+            return [generic_kv_transform]
+        return [partial(kv_cache_transform, family=self.family)]
 
     def _transform_summary(self, results) -> str:
-        return f"{len(results[0].changes)} module(s) swapped, {len(results[0].kept)} kept"
+        if isinstance(results[0], SwapResult):
+            return f"{len(results[0].changes)} module(s) swapped, {len(results[0].kept)} kept"
+        return f"generic retained-state path: {len(results[0].changes)} change(s)"
+
+    def max_ctx_len(self) -> tuple[int | None, str]:
+        """The largest ctx_len this model's retained-state path reproduces exactly, and why."""
+        return self.family.max_ctx_len(self.model.config) if self.family is not None else max_ctx_len(self.model.config)
 
     @property
     def swap_report(self) -> SwapResult:
@@ -117,7 +144,8 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 LOGITS: {0: "batch_size"}}
         for name in inputs[2:]:
             axes[name] = axes[retained(name)] = {0: "batch_size", 2: "ctx_len"}
-        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes, {"family": self.family.model_type})
+        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes,
+                          {"model_type": self.model.config.model_type, "path": self.path})
 
     # ------------------------------------------------------------------ compile
     def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1, num_cores: int = 16,
@@ -133,7 +161,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if prefill_seq_len > ctx_len:
             raise ValueError(f"prefill_seq_len ({prefill_seq_len}) cannot exceed ctx_len ({ctx_len}).")
-        limit, why = self.family.max_ctx_len(self.model.config)
+        limit, why = self.max_ctx_len()
         if limit and ctx_len > limit:
             raise ValueError(f"ctx_len={ctx_len} exceeds this model's {why} ({limit}); compile with ctx_len <= {limit}.")
         kv_dtype = "mxint8" if mxint8_kv_cache else "float16"

@@ -194,5 +194,33 @@ def test_sliding_window_limits_ctx_len():
 
 
 def test_unsupported_architecture_from_pretrained(minilm_path):
-    with pytest.raises(UnsupportedModelError, match="'bert' model.*QEFFAutoModelForCausalLM supports Llama"):
+    with pytest.raises(UnsupportedModelError, match="'bert' model.*an encoder.*For encoders use QEFFAutoModel"):
         QEFFAutoModelForCausalLM.from_pretrained(str(minilm_path))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "gpt_neox"])
+def test_a_model_type_without_a_family_runs_end_to_end_on_the_generic_path(model_type):
+    """Not one of the hand-written families: QEFFAutoModelForCausalLM takes it through transformers' own
+    interfaces, exports, compiles for ONNX Runtime and generates the tokens HF eager generates."""
+    from tests.transforms.test_generic_kv import hf_greedy, prompts, tiny
+
+    hf = tiny(model_type)
+    prompt_ids = prompts()
+    expected = hf_greedy(hf, prompt_ids)
+    model = QEFFAutoModelForCausalLM.from_model(hf, name=f"tiny-{model_type}")
+    assert model.path == "generic" and model.steps["transform"].summary.startswith("generic retained-state path")
+    model.compile(prefill_seq_len=8, ctx_len=40, batch_size=2)
+    out = model.generate_from_ids(prompt_ids, generation_len=16)
+    assert out.ids == expected
+    key = model.export_result.key
+    assert key["options"]["path"] == "generic"
+    assert f"transformers.models.{model_type}.modeling_{model_type}" in key["code_modules"]
+    assert "qeff_lab.transforms.generic.cache" in key["code_modules"]
+
+
+def test_an_architecture_no_path_can_take_is_refused_with_the_obstacle():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4))
+    with pytest.raises(UnsupportedModelError, match="mamba.*Mamba"):
+        QEFFAutoModelForCausalLM.from_model(model)

@@ -14,7 +14,7 @@ def render_compile_result(result) -> str:
     opts_html = html_table(pd.DataFrame({"option": list(opts), "value": [repr(v) for v in opts.values()]}),
                            caption="options (non-default)") if opts else "<div>options: all defaults</div>"
     return (f"<div><b>compile</b>: backend <b>{html.escape(what)}</b> — {html.escape(result.reason)}"
-            f"{' (reused)' if result.reused else ''}</div>"
+            "</div>"  # no cache state: stored notebook outputs must not depend on what ran before
             f"<div style='font-size:11px'>folder <code>{html.escape(str(result.folder))}</code></div>"
             + html_table(pd.DataFrame(result.specializations), caption="specializations")
             + opts_html

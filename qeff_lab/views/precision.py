@@ -29,9 +29,10 @@ CAUSE_VIEW_COLUMNS = ["severity", "cause", "modules", "places", "times_limit", "
 PLACE_VIEW_COLUMNS = ["severity", "place", "intermediate", "value", "limit", "visible_at_output"]
 
 
-def render_findings(findings, max_rows: int = 40) -> str:
+def render_findings(findings, max_rows: int = 40, css_class: str = "qeff-precision-findings") -> str:
     """One row per root cause (severity in colour, worst first), then each cause expandable (<details>) to its
-    modules and ops, with how to apply its fix. The same grouping as `findings.to_frame()`."""
+    modules and ops, with how to apply its fix. The same grouping as `findings.to_frame()`. Tables carry
+    `css_class` (causes) and `css_class`-places (the static report's Findings section: "qeff-findings")."""
     from qeff_lab.views.report import findings_html
 
     if not len(findings):
@@ -43,7 +44,7 @@ def render_findings(findings, max_rows: int = 40) -> str:
     caption = f"findings: {len(causes)} cause(s) over {len(findings)} place(s)"
     shown = frame[CAUSE_VIEW_COLUMNS].copy()
     shown["times_limit"] = [f"{v:.2g}x" for v in shown["times_limit"]]
-    parts = [f"<div><b>Findings</b>: {head} (causes)</div>", findings_html(shown, caption=caption)]
+    parts = [f"<div><b>Findings</b>: {head} (causes)</div>", findings_html(shown, caption=caption, css_class=css_class)]
     for i, c in enumerate(causes):
         places = c.to_frame()[PLACE_VIEW_COLUMNS]
         parts.append(
@@ -51,7 +52,7 @@ def render_findings(findings, max_rows: int = 40) -> str:
             f"{html.escape(c.severity)}</span> {html.escape(c.title)}</summary>"
             f"<div style='font-size:12px'>fix: {html.escape(c.remedy)}</div>"
             + html_table(_formatted(places), caption=f"cause {i}: {len(c.modules)} module(s), {len(places)} place(s)",
-                         max_rows=max_rows, css_class="qeff-findings-places") + "</details>")
+                         max_rows=max_rows, css_class=f"{css_class}-places") + "</details>")
     return "".join(parts)
 
 

@@ -78,7 +78,8 @@ def findings_frame(details: Any) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def findings_html(frame: pd.DataFrame, max_rows: int = 200, caption: str | None = None) -> str:
+def findings_html(frame: pd.DataFrame, max_rows: int = 200, caption: str | None = None,
+                  css_class: str = "qeff-findings") -> str:
     """Findings as a table whose severity cells carry the palette's colours (worst first, as given)."""
     total = len(frame)
     frame = frame.head(max_rows)
@@ -95,7 +96,7 @@ def findings_html(frame: pd.DataFrame, max_rows: int = 200, caption: str | None 
             cells.append(f"<td style='{style}'>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<div class='meta'>… {total - max_rows} more</div>" if total > max_rows else ""
-    return (f"<table class='qeff-findings' style='{TABLE_STYLE}'><caption style='text-align:left;font-weight:bold'>"
+    return (f"<table class='{html.escape(css_class)}' style='{TABLE_STYLE}'><caption style='text-align:left;font-weight:bold'>"
             f"{html.escape(caption or f'findings ({total})')}</caption><tr>{head}</tr>{''.join(rows)}</table>{more}")
 
 
@@ -156,7 +157,7 @@ def report_html(model, title: str | None = None) -> str:
             if len(grouped):
                 from qeff_lab.views.precision import render_findings
 
-                all_findings.append((name, render_findings(grouped, max_rows=200)))
+                all_findings.append((name, render_findings(grouped, max_rows=200, css_class="qeff-findings")))
             continue
         frame = findings_frame(rep.details)
         if frame is not None and len(frame):

@@ -203,7 +203,9 @@ class Findings(list, HtmlRepr):
         for f in self:
             if f.kind in _CLASS_KINDS:  # the module kind is the cause, whichever op shows it
                 key = (f.kind, f.module_class, f.fix)
-            else:  # a plain value: the same op in the same role (layer index ignored)
+            elif f.kind in ("near-overflow", "underflow"):  # the same role (layer index ignored), any op
+                key = (f.kind, f.module_class, f.fix, _pattern(f.module))
+            else:  # a plain value: the same op in the same role
                 key = (f.kind, f.module_class, f.fix, f.op, f.intermediate, _pattern(f.module))
             groups.setdefault(key, Cause(f.kind, f.module_class, f.fix)).findings.append(f)
         return sorted(groups.values(), key=lambda c: (SEVERITY_ORDER[c.severity], -c.worst.times_limit))

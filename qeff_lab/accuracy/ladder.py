@@ -233,7 +233,8 @@ def causal_lm_rungs(hf_model: torch.nn.Module, qeff_model=None, *, fixes: Sequen
     if ort and qeff_model is not None:
         rungs.append(Rung("ORT fp32", ort_runner, "exported graph, embedded ONNX Runtime"))
     rungs += [Rung("fp16 (no fixes)", no_fixes, "every op rounded to fp16, fp16 weights"),
-              Rung("fp16 (fixes)", with_fixes, "+ precision fixes" if isinstance(fixes, Findings) else "+ safe-norm fix")]
+              Rung("fp16 (fixes)", with_fixes,
+                   "+ precision fixes" if isinstance(fixes, Findings) else "+ safe-norm fix")]
     if mxfp6:
         rungs.append(Rung("fp16 + MXFP6", with_mxfp6, f"+ MatMul weights MX {mx_format}, blocks of 32"))
     if mxint8:

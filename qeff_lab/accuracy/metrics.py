@@ -1,4 +1,4 @@
-"""Accuracy metrics between a reference and a candidate: token match, first divergence, logit error, KL, perplexity, cosine."""
+"""Accuracy metrics against a reference: token match, first divergence, logit error, KL, perplexity, cosine."""
 from __future__ import annotations
 
 import math

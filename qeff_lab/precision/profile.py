@@ -133,7 +133,8 @@ class OpRange:
         return self.abs_max > FP16_MAX
 
 
-COLUMNS = ["module", "op", "intermediate", "module_class", "layer", "site", "step", "calls", "numel", "abs_max", "min_nonzero",
+COLUMNS = ["module", "op", "intermediate", "module_class", "layer", "site", "step", "calls", "numel", "abs_max",
+           "min_nonzero",
            "n_over", "frac_subnormal", "frac_flush", "n_nonfinite", "headroom_bits"]
 
 
@@ -148,7 +149,8 @@ class RangeProfile(HtmlRepr):
 
     def to_frame(self) -> pd.DataFrame:
         rows = [{"module": r.module, "op": r.op, "intermediate": r.intermediate, "module_class": r.module_class,
-                 "layer": layer_of(r.module), "site": site_of(r.module, r.op, r.intermediate), "step": r.step, "calls": r.calls, "numel": r.numel,
+                 "layer": layer_of(r.module), "site": site_of(r.module, r.op, r.intermediate), "step": r.step,
+                 "calls": r.calls, "numel": r.numel,
                  "abs_max": r.abs_max, "min_nonzero": r.min_nonzero, "n_over": r.n_over,
                  "frac_subnormal": r.frac_subnormal, "frac_flush": r.frac_flush, "n_nonfinite": r.n_nonfinite,
                  "headroom_bits": r.headroom_bits} for r in self.records]

@@ -96,7 +96,8 @@ def findings_html(frame: pd.DataFrame, max_rows: int = 200, caption: str | None 
             cells.append(f"<td style='{style}'>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<div class='meta'>… {total - max_rows} more</div>" if total > max_rows else ""
-    return (f"<table class='{html.escape(css_class)}' style='{TABLE_STYLE}'><caption style='text-align:left;font-weight:bold'>"
+    return (f"<table class='{html.escape(css_class)}' style='{TABLE_STYLE}'>"
+            "<caption style='text-align:left;font-weight:bold'>"
             f"{html.escape(caption or f'findings ({total})')}</caption><tr>{head}</tr>{''.join(rows)}</table>{more}")
 
 

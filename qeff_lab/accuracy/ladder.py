@@ -2,9 +2,14 @@
 
 Decoders: HF fp32 -> transformed fp32 -> ONNX Runtime fp32 -> fp16 (no fixes) -> fp16 (fixes)
 -> + MXFP6 weights -> + MXINT8 KV cache. Per rung: greedy token match rate against the first rung, the
-first divergent step with the reference's top-2 logit margin there, max / mean abs logit difference and
-argmax agreement (teacher-forced on a shipped public-domain text), and perplexity on that text.
-Encoders: cosine similarity of the embeddings against HF fp32.
+first divergent step with the reference's top-2 logit margin there; teacher-forced on a shipped
+public-domain text: KL divergence against the reference's logits (mean, 99th percentile, max) and top-1
+agreement (as llama.cpp's `--kl-divergence`), max / mean abs logit difference, and perplexity.
+Encoders: the distribution of cosine similarities (min, 1st percentile, median, mean) of the embeddings of
+at least 100 sentences against HF fp32.
+
+`LadderReport.table()` is the text form: counts and rates exact, noise-level values shown as below a stated
+tolerance, the rest to 2 significant digits, so it reads the same on every CPU.
 """
 from __future__ import annotations
 
@@ -18,10 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qeff_lab.accuracy.metrics import cosine_similarity, first_divergence, logit_errors, perplexity, token_match_rate
+from qeff_lab.accuracy.metrics import (cosine_similarity, first_divergence, kl_stats, logit_errors, perplexity,
+                                       token_match_rate)
 from qeff_lab.accuracy.runners import EmulatedRunner, HFCausalRunner, RetainedStateRunner, teacher_forced_logits
 from qeff_lab.precision.emulate import Fp16Emulation, fp16_weights
-from qeff_lab.precision.fixes import revert_safe_norm, safe_norm_transform
+from qeff_lab.precision.findings import Findings
+from qeff_lab.precision.fixes import apply_fixes, revert_fixes, revert_safe_norm, safe_norm_transform
 from qeff_lab.precision.mx import mxfp6_weights
 from qeff_lab.pipeline import HtmlRepr
 
@@ -43,8 +50,24 @@ class Rung:
     note: str = ""
 
 
-SUMMARY_COLUMNS = ["rung", "token_match", "first_divergence", "margin_at_divergence", "argmax_agreement",
-                   "max_abs_logit_diff", "mean_abs_logit_diff", "perplexity", "seconds", "note"]
+SUMMARY_COLUMNS = ["rung", "token_match", "first_divergence", "margin_at_divergence", "top1_agreement", "kl_mean",
+                   "kl_p99", "kl_max", "max_abs_logit_diff", "mean_abs_logit_diff", "perplexity", "seconds", "note"]
+ENCODER_COLUMNS = ["rung", "sentences", "min_cosine", "p1_cosine", "median_cosine", "mean_cosine", "max_abs_diff",
+                   "seconds", "note"]
+# Below these a difference is numerical noise (it changes with the CPU and the thread count): table() shows
+# "<tol" instead of its digits.
+TOLERANCES = {"max_abs_logit_diff": 1e-3, "mean_abs_logit_diff": 1e-3, "kl_mean": 1e-6, "kl_p99": 1e-6,
+              "kl_max": 1e-6, "max_abs_diff": 1e-4}
+COSINE_TOLERANCE = 1e-6  # 1 - cosine below this shows as ">1-1e-06"
+
+
+def _sig(v, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and np.isnan(v)):
+        return "-"
+    v = float(v)
+    if np.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.{digits}g}"
 
 
 @dataclass
@@ -61,6 +84,34 @@ class LadderReport(HtmlRepr):
 
     def to_frame(self) -> pd.DataFrame:
         return self.summary
+
+    def table(self, tolerances: dict[str, float] | None = None) -> pd.DataFrame:
+        """The summary as text that reads the same on every CPU: token match, divergence step and top-1
+        agreement exact; differences below their tolerance (TOLERANCES, or `tolerances`) shown as "<tol";
+        other values to 2 significant digits (perplexity 3); no timings."""
+        tol = {**TOLERANCES, **(tolerances or {})}
+        rows = []
+        for _, r in self.summary.iterrows():
+            row = {}
+            for c in self.summary.columns:
+                v = r[c]
+                if c in ("rung", "note"):
+                    row[c] = v
+                elif c == "seconds":
+                    continue
+                elif c in ("token_match", "top1_agreement"):
+                    row[c] = "-" if v is None or np.isnan(v) else f"{v:.1%}".replace(".0%", "%")
+                elif c in ("first_divergence", "sentences"):
+                    row[c] = "-" if v is None or (isinstance(v, float) and np.isnan(v)) else str(int(v))
+                elif c.endswith("cosine"):
+                    row[c] = f">1-{COSINE_TOLERANCE:.0e}" if v is not None and 1 - float(v) < COSINE_TOLERANCE \
+                        else _sig(v, 3)
+                elif c in tol and isinstance(v, (int, float)) and np.isfinite(v) and abs(v) < tol[c]:
+                    row[c] = f"<{tol[c]:.0e}"
+                else:
+                    row[c] = _sig(v, 3 if c == "perplexity" else 2)
+            rows.append(row)
+        return pd.DataFrame(rows)
 
     def rung(self, name: str) -> pd.Series:
         return self.summary.set_index("rung").loc[name]
@@ -93,6 +144,7 @@ def run_ladder(rungs: Sequence[Rung], prompt_ids: Sequence[Sequence[int]], text_
                 seq = p + g[:-1]
                 ref_choice.append(teacher_forced_logits(runner, seq)[len(p) - 1:])
         errs = logit_errors(ref_text_logits, text_logits)
+        kl = kl_stats(ref_text_logits, text_logits)
         divs = [first_divergence(r, g, c) for r, g, c in zip(ref_gen, gen, ref_choice)]
         matches = [token_match_rate(r, g) for r, g in zip(ref_gen, gen)]
         first = min((d for d in divs if d.step is not None), key=lambda d: d.step, default=None)
@@ -102,7 +154,8 @@ def run_ladder(rungs: Sequence[Rung], prompt_ids: Sequence[Sequence[int]], text_
         rows.append({"rung": rung.name, "token_match": float(np.mean(matches)),
                      "first_divergence": None if first is None else first.step,
                      "margin_at_divergence": None if first is None else first.margin,
-                     "argmax_agreement": errs["argmax_agreement"], "max_abs_logit_diff": errs["max_abs_logit_diff"],
+                     "top1_agreement": kl["top1_agreement"], "kl_mean": kl["kl_mean"], "kl_p99": kl["kl_p99"],
+                     "kl_max": kl["kl_max"], "max_abs_logit_diff": errs["max_abs_logit_diff"],
                      "mean_abs_logit_diff": errs["mean_abs_logit_diff"],
                      "perplexity": perplexity(text_logits, text_ids), "seconds": time.perf_counter() - t0,
                      "note": rung.note})
@@ -117,10 +170,17 @@ def causal_lm_rungs(hf_model: torch.nn.Module, qeff_model=None, *, fixes: Sequen
                     prefill_seq_len: int = 32, ctx_len: int = 512, ort: bool = True, mxfp6: bool = True,
                     mxint8: bool = True, mx_format: str = "fp6_e2m3") -> list[Rung]:
     """The standard ladder. `qeff_model` (a QEFFAutoModelForCausalLM) gives the transformed, retained-state
-    model and its ONNX Runtime compile; without it the transformed rung is HF + the safe-norm fix and there
-    is no ONNX Runtime rung. `fixes`: module paths for the safe-norm fix (e.g.
-    `report.findings.modules("norm-square")`); None: every norm. The fp16 rungs share one fp16 copy of the
-    transformed model, changed in order (fix on, MXFP6 weights)."""
+    model and its ONNX Runtime compile; without it the transformed rung is HF + the fixes and there
+    is no ONNX Runtime rung. `fixes`: a precision report's Findings (every exact fix they call for: safe
+    norms, pre-scaled attention, safe GELU; precision.apply_fixes), or module paths for the safe-norm fix
+    (e.g. `report.findings.modules("norm-square")`); None: every norm. The fp16 rungs share one fp16 copy
+    of the transformed model, changed in order (fix on, MXFP6 weights)."""
+    def fix(model):
+        if isinstance(fixes, Findings):
+            apply_fixes(model, fixes)
+        else:
+            safe_norm_transform(model, only=fixes)
+
     def kv_runner(model):
         if qeff_model is not None:
             return RetainedStateRunner(model, prefill_seq_len, ctx_len)
@@ -133,27 +193,27 @@ def causal_lm_rungs(hf_model: torch.nn.Module, qeff_model=None, *, fixes: Sequen
             return qeff_model.model
         if "fixed32" not in state:
             state["fixed32"] = copy.deepcopy(hf_model)
-            safe_norm_transform(state["fixed32"], only=fixes)
+            fix(state["fixed32"])
         return state["fixed32"]
 
     def fp16_model():
         if "m16" not in state:
             state["m16"] = fp16_weights(transformed())
-            revert_safe_norm(state["m16"])
+            revert_fixes(state["m16"])
             state.pop("fixed32", None)
         return state["m16"]
 
     def no_fixes():
-        revert_safe_norm(fp16_model())
+        revert_fixes(fp16_model())
         return EmulatedRunner(kv_runner(fp16_model()))
 
     def with_fixes():
-        safe_norm_transform(fp16_model(), only=fixes)
+        fix(fp16_model())
         return EmulatedRunner(kv_runner(fp16_model()))
 
     def with_mxfp6():
         m = fp16_model()
-        safe_norm_transform(m, only=fixes)
+        fix(m)
         if not state.get("mx"):
             state["mx"] = mxfp6_weights(m, mx_format, inplace=True)[1]
         return EmulatedRunner(kv_runner(m))
@@ -169,11 +229,12 @@ def causal_lm_rungs(hf_model: torch.nn.Module, qeff_model=None, *, fixes: Sequen
 
     rungs = [Rung("HF fp32", lambda: HFCausalRunner(hf_model, prefill_seq_len, ctx_len), "reference"),
              Rung("transformed fp32", lambda: kv_runner(transformed()),
-                  "retained-state KV blocks" if qeff_model is not None else "HF + safe-norm fix (fp32)")]
+                  "retained-state KV blocks" if qeff_model is not None else "HF + precision fixes (fp32)")]
     if ort and qeff_model is not None:
         rungs.append(Rung("ORT fp32", ort_runner, "exported graph, embedded ONNX Runtime"))
     rungs += [Rung("fp16 (no fixes)", no_fixes, "every op rounded to fp16, fp16 weights"),
-              Rung("fp16 (fixes)", with_fixes, "+ safe-norm fix")]
+              Rung("fp16 (fixes)", with_fixes,
+                   "+ precision fixes" if isinstance(fixes, Findings) else "+ safe-norm fix")]
     if mxfp6:
         rungs.append(Rung("fp16 + MXFP6", with_mxfp6, f"+ MatMul weights MX {mx_format}, blocks of 32"))
     if mxint8:
@@ -207,11 +268,27 @@ def causal_lm_ladder(hf_model: torch.nn.Module, tokenizer, prompts: Sequence[str
 
 
 # ----------------------------------------------------------------------------- encoders
-def encoder_ladder(qeff_model, texts: Sequence[str], *, mxfp6: bool = True, ort: bool = True,
+def shipped_sentences(n: int = 128, name: str = TEXT) -> list[str]:
+    """The first `n` distinct lines of at least four words of the shipped text (speaker names left out)."""
+    out: list[str] = []
+    for line in shipped_text(name).splitlines():
+        line = line.strip()
+        if len(line.split()) >= 4 and not line.endswith(":") and line not in out:
+            out.append(line)
+            if len(out) == n:
+                break
+    return out
+
+
+def encoder_ladder(qeff_model, texts: Sequence[str] | None = None, *, mxfp6: bool = True, ort: bool = True,
                    progress: bool = True) -> LadderReport:
     """Cosine similarity of pooled embeddings against HF fp32 (the same encoder with the qeff_lab swaps
-    undone), for: transformed fp32, ONNX Runtime fp32, fp16 without / with fixes (safe LayerNorm), + MXFP6."""
+    undone), for: transformed fp32, ONNX Runtime fp32, fp16 without / with fixes (safe LayerNorm), + MXFP6.
+    Per rung the distribution over the sentences: min, 1st percentile, median, mean (a sentence whose
+    embedding is not finite counts as cosine -1). `texts`: default 128 lines of the shipped text."""
     from tqdm.auto import tqdm
+
+    texts = list(texts) if texts is not None else shipped_sentences()
 
     from qeff_lab.transforms.encoders import ENCODER_SWAPS, PooledEncoder
 
@@ -262,9 +339,13 @@ def encoder_ladder(qeff_model, texts: Sequence[str], *, mxfp6: bool = True, ort:
         out = fn()
         ref = out if ref is None else ref
         cos = cosine_similarity(ref, out)
-        rows.append({"rung": name, "min_cosine": float(np.nanmin(cos)) if np.isfinite(cos).any() else float("nan"),
-                     "mean_cosine": float(np.nanmean(cos)) if np.isfinite(cos).any() else float("nan"),
+        cos = np.where(np.isfinite(cos), cos, -1.0)
+        rows.append({"rung": name, "sentences": len(cos), "min_cosine": float(cos.min()),
+                     "p1_cosine": float(np.percentile(cos, 1, method="lower")),
+                     "median_cosine": float(np.median(cos)), "mean_cosine": float(cos.mean()),
                      "max_abs_diff": float(np.abs(ref - out).max()), "seconds": time.perf_counter() - t0,
                      "note": note})
-    summary = pd.DataFrame(rows, columns=["rung", "min_cosine", "mean_cosine", "max_abs_diff", "seconds", "note"])
-    return LadderReport(summary, pd.DataFrame(), "HF fp32", kind="encoder")
+    summary = pd.DataFrame(rows, columns=ENCODER_COLUMNS)
+    report = LadderReport(summary, pd.DataFrame(), "HF fp32", kind="encoder")
+    report.notes.append(f"cosine over {len(texts)} sentences")
+    return report

@@ -1,4 +1,4 @@
-"""Accuracy metrics between a reference and a candidate: token match, first divergence, logit error, perplexity, cosine."""
+"""Accuracy metrics against a reference: token match, first divergence, logit error, KL, perplexity, cosine."""
 from __future__ import annotations
 
 import math
@@ -46,6 +46,33 @@ def logit_errors(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     diff[~np.isfinite(diff)] = np.inf
     return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
             "argmax_agreement": float((ref.argmax(-1) == cand.argmax(-1)).mean())}
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(-1, keepdims=True)
+    return logits - (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))
+
+
+def kl_divergence(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P_cand) per position of two [positions, vocab] logit arrays, in nats (as llama.cpp's
+    `--kl-divergence` reports against base logits). A position with non-finite candidate logits is inf."""
+    ref, cand = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
+    bad = ~np.isfinite(cand).all(-1)
+    cand = np.where(np.isfinite(cand), cand, 0.0)
+    lp, lq = _log_softmax(ref), _log_softmax(cand)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    kl = np.maximum(kl, 0.0)  # rounding can give -1e-17
+    kl[bad] = np.inf
+    return kl
+
+
+def kl_stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
+    """mean, 99th percentile and max of the per-position KL divergence, and top-1 agreement (the share of
+    positions whose argmax is the reference's; llama.cpp's "same top p")."""
+    kl = kl_divergence(ref, cand)
+    p99 = float(np.percentile(kl, 99, method="higher"))  # no interpolation: an inf stays an inf, not a NaN
+    return {"kl_mean": float(kl.mean()), "kl_p99": p99, "kl_max": float(kl.max()),
+            "top1_agreement": float((np.asarray(ref).argmax(-1) == np.asarray(cand).argmax(-1)).mean())}
 
 
 def perplexity(logits: np.ndarray, ids: Sequence[int]) -> float:

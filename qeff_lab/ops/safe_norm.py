@@ -7,7 +7,8 @@ s = max(max|x|, SCALE_FLOOR), so every squared term is <= 1, and use the identit
     x / sqrt(mean(x^2) + eps)  ==  (x/s) / sqrt(mean((x/s)^2) + eps/s^2)
 
 which is exact in real arithmetic. eps/s^2 <= eps / SCALE_FLOOR^2 stays finite in fp16, and the scale
-also lifts tiny rows away from fp16's subnormal range. Same weights, same outputs in fp32 (to rounding).
+also lifts tiny rows away from fp16's subnormal range. It is computed as eps/s/s: s*s itself would pass
+65504 for s > 256 (harmless, eps/inf = 0, but the range profile would flag it). Same weights, same outputs in fp32 (to rounding).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def safe_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, weig
     s = x.abs().amax(-1, keepdim=True).clamp_min(SCALE_FLOOR)
     y = x / s
     var = (y * y).mean(-1, keepdim=True)
-    out = y * torch.rsqrt(var + eps / (s * s))
+    out = y * torch.rsqrt(var + eps / s / s)
     if weight is None:
         return out
     return out * (weight + weight_offset) if weight_offset else out * weight
@@ -44,7 +45,7 @@ def safe_layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
     y = x / s
     d = y - y.mean(-1, keepdim=True)
     var = (d * d).mean(-1, keepdim=True)
-    out = d * torch.rsqrt(var + eps / (s * s))
+    out = d * torch.rsqrt(var + eps / s / s)
     if weight is not None:
         out = out * weight
     if bias is not None:
@@ -59,7 +60,7 @@ def SafeRMSNorm(x: FLOAT, weight: FLOAT, epsilon: float) -> FLOAT:
     y = op.Div(x, s)
     var = op.ReduceMean(op.Mul(y, y), axes=[-1], keepdims=1)
     eps = op.CastLike(op.Constant(value_float=epsilon), x)
-    denom = op.Sqrt(op.Add(var, op.Div(eps, op.Mul(s, s))))
+    denom = op.Sqrt(op.Add(var, op.Div(op.Div(eps, s), s)))
     return op.Mul(op.Div(y, denom), weight)
 
 
@@ -70,7 +71,7 @@ def SafeLayerNorm(x: FLOAT, weight: FLOAT, bias: FLOAT, epsilon: float) -> FLOAT
     d = op.Sub(y, op.ReduceMean(y, axes=[-1], keepdims=1))
     var = op.ReduceMean(op.Mul(d, d), axes=[-1], keepdims=1)
     eps = op.CastLike(op.Constant(value_float=epsilon), x)
-    denom = op.Sqrt(op.Add(var, op.Div(eps, op.Mul(s, s))))
+    denom = op.Sqrt(op.Add(var, op.Div(op.Div(eps, s), s)))
     return op.Add(op.Mul(op.Div(d, denom), weight), bias)
 
 

@@ -1,11 +1,15 @@
-"""Precision fixes as transforms with reports: overflow-safe RMSNorm / LayerNorm (switchable on and off).
+"""Precision fixes as transforms with reports, each exact and switchable: overflow-safe RMSNorm / LayerNorm,
+pre-scaled attention scores (1/sqrt(d) folded into q), and a clamped tanh-GELU; `apply_fixes` applies the
+ones a set of findings calls for.
 
-The swap changes only `__class__` (a generated subclass whose forward calls qeff_lab.ops.safe_norm), so
-every parameter object and state-dict key stays the same, and `revert_safe_norm` restores the original
-classes to compare with and without the fix.
+Each swap changes only `__class__` (a generated subclass: the norm's forward calls qeff_lab.ops.safe_norm,
+the q projection multiplies by the scale, the GELU clamps inside its tanh), so every parameter object and
+state-dict key stays the same, and the revert_* functions restore the original classes to compare with
+and without the fix.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable
 
@@ -104,3 +108,177 @@ def revert_safe_norm(model: nn.Module) -> TransformResult:
     if not result.changes:
         result.notes.append("no safe norm to revert")
     return result
+
+
+# ----------------------------------------------------------------------------- tanh-GELU
+GELU_CLAMP = 10.0  # tanh(0.798 * (10 + 0.044715 * 1000)) = tanh(43.7) is 1.0 in fp32 and fp16 alike
+_GELU_TANH_CLASSES = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "AccurateGELUActivation")
+_SAFE_GELU: dict[type, type] = {}
+GELU_WHY = ("tanh-GELU forms x³, which passes 65504 for |x| > 40.3; the safe form clamps x to ±10 inside the tanh, "
+            "where tanh is already ±1 (exact identity, no weights)")
+
+
+def safe_gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """0.5·x·(1 + tanh(√(2/π)·(u + 0.044715·u³))) with u = clamp(x, ±10): the same values as tanh-GELU (beyond
+    ±10 the tanh is exactly ±1 in fp32 either way), and u³ <= 1000 fits fp16. Plain ops: exports as Clip,
+    Mul, Tanh."""
+    u = x.clamp(-GELU_CLAMP, GELU_CLAMP)
+    inner = math.sqrt(2.0 / math.pi) * (u + 0.044715 * (u * u * u))
+    return 0.5 * x * (1.0 + torch.tanh(inner))
+
+
+def is_gelu_tanh(module: nn.Module) -> bool:
+    cls = type(module)
+    if getattr(cls, "_qeff_safe_gelu", False):
+        return False
+    if isinstance(module, nn.GELU):
+        return module.approximate == "tanh"
+    return cls.__name__ in _GELU_TANH_CLASSES
+
+
+def _safe_gelu_forward(self, x, *args, **kwargs):
+    return safe_gelu_tanh(x)
+
+
+def safe_gelu_transform(model: nn.Module, only: Iterable[str] | None = None) -> TransformResult:
+    """Swap tanh-GELU activation modules (nn.GELU('tanh'), transformers' GELUTanh / NewGELUActivation) for the
+    clamped safe form. `only`: module paths (e.g. `findings.with_fix("SafeGELU").modules()`); default all."""
+    only = set(only) if only is not None else None
+    result = TransformResult("SafeGELU")
+    skipped = []
+    for path, module in model.named_modules():
+        if only is not None and path not in only:
+            continue
+        if not is_gelu_tanh(module):
+            if only is not None and not getattr(type(module), "_qeff_safe_gelu", False):
+                skipped.append(f"{path} ({type(module).__name__}: not a tanh-GELU module)")
+            continue
+        old = type(module)
+        if old not in _SAFE_GELU:
+            _SAFE_GELU[old] = type(f"Safe{old.__name__}", (old,), {
+                "forward": _safe_gelu_forward, "_qeff_safe_gelu": True, "_qeff_original": old,
+                "__doc__": f"{old.__name__} with x clamped to ±{GELU_CLAMP} inside the tanh (fp16-safe x³)."})
+        module.__class__ = _SAFE_GELU[old]
+        result.changes.append(Change(path or "<root>", old.__name__, module.__class__.__name__, GELU_WHY))
+    if skipped:
+        result.notes.append("left alone: " + "; ".join(skipped))
+    if not result.changes:
+        result.notes.append("no tanh-GELU module to make safe")
+    return result
+
+
+# ----------------------------------------------------------------------------- pre-scaled attention scores
+_Q_CHILDREN = ("q_norm", "q_proj", "query", "q")  # the last module that produces q, in order of preference
+_PRESCALED: dict[type, type] = {}
+PRESCALE_WHY = ("q·kᵀ is formed before the 1/sqrt(head_dim) scale and passes 65504 while the scaled scores fit; "
+                "the scale is folded into q instead ((q·s)·kᵀ, attention scale set to 1; exact, same weights)")
+
+
+def _prescaled_forward(self, *args, **kwargs):
+    return self._qeff_original.forward(self, *args, **kwargs) * self._qeff_prescale
+
+
+def _q_child(module: nn.Module) -> tuple[str, nn.Module] | None:
+    for name in _Q_CHILDREN:
+        child = getattr(module, name, None)
+        if isinstance(child, nn.Module):
+            return name, child
+    return None
+
+
+def prescaled_attention_transform(model: nn.Module, only: Iterable[str] | None = None) -> TransformResult:
+    """Fold each attention module's score scale into q: the module's q producer (q_norm, else q_proj / query)
+    gets a subclass multiplying its output by the scale, and the module's `scaling` becomes 1.0. Works for
+    every attention that reads `self.scaling` (transformers' eager / sdpa / retained-state attention).
+    `only`: attention module paths (e.g. `findings.with_fix("PrescaledAttention").modules()`); default all."""
+    only = set(only) if only is not None else None
+    result = TransformResult("PrescaledAttention")
+    skipped = []
+    for path, module in model.named_modules():
+        if only is not None and path not in only:
+            continue
+        scaling = getattr(module, "scaling", None)
+        found = _q_child(module)
+        if not isinstance(scaling, float) or found is None or getattr(module, "_qeff_prescaled", None) is not None:
+            if only is not None and getattr(module, "_qeff_prescaled", None) is None:
+                skipped.append(f"{path} ({type(module).__name__}: no float `scaling` and q projection)")
+            continue
+        name, child = found
+        old = type(child)
+        if old not in _PRESCALED:
+            _PRESCALED[old] = type(f"Prescaled{old.__name__}", (old,), {
+                "forward": _prescaled_forward, "_qeff_original": old, "_qeff_prescaled_q": True,
+                "__doc__": f"{old.__name__} whose output is multiplied by the attention scale."})
+        child.__class__ = _PRESCALED[old]
+        child._qeff_prescale = scaling
+        module._qeff_prescaled = (name, scaling)
+        module.scaling = 1.0
+        result.changes.append(Change(f"{path}.{name}", old.__name__, child.__class__.__name__,
+                                     f"q · {scaling:.4g} before q·kᵀ; {path}.scaling 1.0. {PRESCALE_WHY}"))
+    if skipped:
+        result.notes.append("left alone: " + "; ".join(skipped))
+    if not result.changes:
+        result.notes.append("no attention module with a float `scaling` and a q projection")
+    return result
+
+
+def revert_prescaled_attention(model: nn.Module) -> TransformResult:
+    result = TransformResult("RevertPrescaledAttention")
+    for path, module in model.named_modules():
+        state = getattr(module, "_qeff_prescaled", None)
+        if state is None:
+            continue
+        name, scaling = state
+        child = getattr(module, name)
+        child.__class__ = type(child)._qeff_original
+        del child._qeff_prescale
+        module.scaling = scaling
+        del module._qeff_prescaled
+        result.changes.append(Change(f"{path}.{name}", f"Prescaled{type(child).__name__}", type(child).__name__,
+                                     "pre-scaled attention switched off"))
+    if not result.changes:
+        result.notes.append("no pre-scaled attention to revert")
+    return result
+
+
+def revert_safe_gelu(model: nn.Module) -> TransformResult:
+    result = TransformResult("RevertSafeGELU")
+    for path, module in model.named_modules():
+        cls = type(module)
+        if getattr(cls, "_qeff_safe_gelu", False):
+            module.__class__ = cls._qeff_original
+            result.changes.append(Change(path or "<root>", cls.__name__, module.__class__.__name__,
+                                         "safe tanh-GELU switched off"))
+    if not result.changes:
+        result.notes.append("no safe GELU to revert")
+    return result
+
+
+# ----------------------------------------------------------------------------- every exact fix at once
+def apply_fixes(model: nn.Module, findings=None) -> list[TransformResult]:
+    """The exact fixes the findings call for, each limited to the modules named: SafeNorm, PrescaledAttention,
+    SafeGELU. Without findings: every norm, tanh-GELU and attention module. Findings whose fix is an fp32
+    island ("NPI") are left to write_npi_yaml."""
+    if findings is None:
+        return [safe_norm_transform(model), prescaled_attention_transform(model), safe_gelu_transform(model)]
+    reasons = {f.module: f"{f.place}: {f.reason}" for f in findings if f.fix == "SafeNorm"}
+    out = []
+    norms = findings.with_fix("SafeNorm").modules()
+    if norms:
+        out.append(safe_norm_transform(model, only=norms, reasons=reasons))
+    attn = findings.with_fix("PrescaledAttention").modules()
+    if attn:
+        out.append(prescaled_attention_transform(model, only=attn))
+    gelu = findings.with_fix("SafeGELU").modules()
+    if gelu:
+        out.append(safe_gelu_transform(model, only=gelu))
+    if not out:
+        empty = TransformResult("PrecisionFixes")
+        empty.notes.append("no finding calls for an exact fix (fp32 islands: write_npi_yaml)")
+        out.append(empty)
+    return out
+
+
+def revert_fixes(model: nn.Module) -> list[TransformResult]:
+    """Switch every precision fix off (safe norms, pre-scaled attention, safe GELU)."""
+    return [revert_safe_norm(model), revert_prescaled_attention(model), revert_safe_gelu(model)]

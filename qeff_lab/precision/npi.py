@@ -22,6 +22,25 @@ ONNX_TYPES = {
     "add": {"Add"}, "sub": {"Sub"}, "div": {"Div"}, "rsqrt": {"Sqrt", "Reciprocal", "Div"}, "sqrt": {"Sqrt"},
     "matmul": {"MatMul"}, "linear": {"MatMul", "Gemm"}, "attn_scores": {"MatMul"}, "softmax": {"Softmax"},
     "softmax_input": {"Add", "Where"}, "exp": {"Exp"}, "silu": {"Sigmoid", "Mul"}, "embedding": {"Gather"},
+    # fused ops (their intermediates below pick the nodes more precisely when the finding names one)
+    "layer_norm": {"LayerNormalization", "ReduceMean", "Sub", "Pow", "Mul", "Sqrt", "Div", "Add"},
+    "group_norm": {"GroupNormalization", "InstanceNormalization", "ReduceMean", "Sub", "Pow", "Mul", "Sqrt", "Div"},
+    "rms_norm": {"RMSNormalization", "Pow", "Mul", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Div"},
+    "normalize": {"LpNormalization", "ReduceL2", "Div", "Clip", "Max"},
+    "scaled_dot_product_attention": {"MatMul", "Mul", "Div", "Add", "Softmax"},
+    "log_softmax": {"LogSoftmax"}, "logsumexp": {"ReduceLogSumExp", "Exp", "ReduceSum", "Log"},
+    "cross_entropy": {"SoftmaxCrossEntropyLoss", "LogSoftmax", "NegativeLogLikelihoodLoss"},
+    "gelu": {"Gelu", "Pow", "Mul", "Add", "Tanh"}, "softplus": {"Softplus", "Exp", "Log"}, "cumsum": {"CumSum"},
+    "baddbmm": {"MatMul", "Mul", "Add"},
+}
+# What each fused-op intermediate is, in ONNX node types (within the op's nodes).
+INTERMEDIATE_TYPES = {
+    "centered_square": {"Pow", "Mul", "LayerNormalization", "GroupNormalization", "InstanceNormalization"},
+    "sum_centered_square": {"ReduceMean", "ReduceSum", "LayerNormalization", "GroupNormalization"},
+    "square": {"Pow", "Mul", "RMSNormalization", "ReduceL2"}, "sum_square": {"ReduceMean", "ReduceSum", "ReduceL2"},
+    "qk_product": {"MatMul"}, "attn_scores": {"MatMul", "Mul", "Div"}, "softmax_input": {"Add", "Where", "Softmax"},
+    "sum_exp": {"Softmax", "LogSoftmax", "ReduceLogSumExp", "SoftmaxCrossEntropyLoss", "Exp", "ReduceSum"},
+    "cube": {"Pow", "Mul", "Gelu"}, "exp": {"Softplus", "Exp"}, "product": {"MatMul"}, "running_sum": {"CumSum"},
 }
 _SKIP_TYPES = {"Constant", "Shape", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Concat", "Slice",
                "Cast", "Expand", "Range", "ConstantOfShape", "Equal", "Less", "Greater", "Not", "And", "Or"}
@@ -52,6 +71,9 @@ def map_finding(finding: Finding, model: onnx.ModelProto) -> list[str]:
         picked = [n for n in direct if n.op_type not in _SKIP_TYPES or n.domain not in ("", "ai.onnx")]
     else:
         wanted = ONNX_TYPES.get(finding.op, set())
+        inter = getattr(finding, "intermediate", "")
+        if inter in INTERMEDIATE_TYPES:
+            wanted = (wanted & INTERMEDIATE_TYPES[inter]) or INTERMEDIATE_TYPES[inter]
         picked = [n for n in direct if n.op_type in wanted]
         if not picked:  # fused into a custom-op node, or the module's own output
             picked = [n for n in direct if n.domain not in ("", "ai.onnx")] or (

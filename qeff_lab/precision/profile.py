@@ -5,8 +5,10 @@ forward hooks keep a stack of module paths, so each call is attributed to the in
 (`model.layers.7.input_layernorm: pow`). Each result is reduced on the spot to a handful of numbers and
 folded into running totals; memory is bounded by the number of (module, op) sites, not by depth or length.
 
-Fused attention (`scaled_dot_product_attention`) hides its scores, so for it the profiler also computes
-`attn_scores` (q.k^T * scale) and `softmax_input` (scores + float mask) transiently, one call at a time.
+A fused op (`layer_norm`, `scaled_dot_product_attention`, tanh-`gelu`, `softmax`, `baddbmm`, ...) hides the
+intermediates a device forms in fp16 (centered squares, attention scores, x³, ...); for each call the
+profiler recomputes them from the call's inputs (qeff_lab.precision.fused, block by block) and records them
+as the same (module, op) site with an `intermediate` name (`layer_norm [centered_square]`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from qeff_lab.pipeline import HtmlRepr
 
+from qeff_lab.precision import fused
 from qeff_lab.precision.numerics import FP16_MAX, headroom_bits, tensor_stats
 
 ROOT = "<root>"
@@ -35,7 +38,7 @@ SKIP_OPS = frozenset({
     "le", "gt", "ge", "and", "or", "invert", "logical_not", "logical_and", "logical_or", "bool", "long", "int",
     "any", "all", "argmax", "argmin", "nonzero", "arange", "ones", "zeros", "ones_like", "zeros_like",
     "empty", "empty_like", "new_ones", "new_zeros", "new_empty", "tensor", "as_tensor", "cpu", "data_ptr",
-    "element_size", "is_contiguous", "storage_offset", "copy", "fill", "diff", "cumsum",
+    "element_size", "is_contiguous", "storage_offset", "copy", "fill", "diff",
     "format", "repr", "hash", "bool_", "index", "unbind", "slice", "tril", "triu", "is_complex", "dtype",
     "device", "shape", "isfinite", "isnan", "isinf", "sort", "topk",
 })
@@ -63,11 +66,16 @@ def layer_of(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def site_of(path: str, op: str) -> str:
-    """What a heatmap column means: the path inside the block plus the op (`input_layernorm: pow`)."""
+_SHORT_OPS = {"scaled_dot_product_attention": "sdpa"}
+
+
+def site_of(path: str, op: str, intermediate: str = "") -> str:
+    """What a heatmap column means: the path inside the block plus the op (`input_layernorm: pow`,
+    `output.LayerNorm: layer_norm [centered_square]`)."""
     m = _LAYER_RE.search(path)
     inner = path[m.end():] if m else path
-    return f"{inner or 'block'}: {op}"
+    op = _SHORT_OPS.get(op, op)
+    return f"{inner or 'block'}: {op}" + (f" [{intermediate}]" if intermediate else "")
 
 
 @dataclass
@@ -86,6 +94,7 @@ class OpRange:
     n_subnormal: int = 0
     n_flush: int = 0
     n_nonfinite: int = 0
+    intermediate: str = ""  # a value formed inside a fused op (fused.INTERMEDIATES); "" for the op's result
 
     def add(self, stats: tuple) -> None:
         n, hi, lo, over, sub, flush, nonfinite = stats
@@ -105,7 +114,7 @@ class OpRange:
 
     @property
     def place(self) -> str:
-        return f"{self.module}: {self.op}"
+        return f"{self.module}: {self.op}" + (f" [{self.intermediate}]" if self.intermediate else "")
 
     @property
     def headroom_bits(self) -> float:
@@ -124,7 +133,8 @@ class OpRange:
         return self.abs_max > FP16_MAX
 
 
-COLUMNS = ["module", "op", "module_class", "layer", "site", "step", "calls", "numel", "abs_max", "min_nonzero",
+COLUMNS = ["module", "op", "intermediate", "module_class", "layer", "site", "step", "calls", "numel", "abs_max",
+           "min_nonzero",
            "n_over", "frac_subnormal", "frac_flush", "n_nonfinite", "headroom_bits"]
 
 
@@ -138,27 +148,35 @@ class RangeProfile(HtmlRepr):
     notes: list[str] = field(default_factory=list)
 
     def to_frame(self) -> pd.DataFrame:
-        rows = [{"module": r.module, "op": r.op, "module_class": r.module_class, "layer": layer_of(r.module),
-                 "site": site_of(r.module, r.op), "step": r.step, "calls": r.calls, "numel": r.numel,
+        rows = [{"module": r.module, "op": r.op, "intermediate": r.intermediate, "module_class": r.module_class,
+                 "layer": layer_of(r.module), "site": site_of(r.module, r.op, r.intermediate), "step": r.step,
+                 "calls": r.calls, "numel": r.numel,
                  "abs_max": r.abs_max, "min_nonzero": r.min_nonzero, "n_over": r.n_over,
                  "frac_subnormal": r.frac_subnormal, "frac_flush": r.frac_flush, "n_nonfinite": r.n_nonfinite,
                  "headroom_bits": r.headroom_bits} for r in self.records]
         return pd.DataFrame(rows, columns=COLUMNS)
 
-    def merged(self) -> dict[tuple[str, str], OpRange]:
-        """(module, op) -> one record over all steps (the records themselves when not profiled per step)."""
-        out: dict[tuple[str, str], OpRange] = {}
+    def merged(self) -> dict[tuple[str, str, str], OpRange]:
+        """(module, op, intermediate) -> one record over all steps (the records themselves when not profiled
+        per step)."""
+        out: dict[tuple[str, str, str], OpRange] = {}
         for r in self.records:
-            key = (r.module, r.op)
+            key = (r.module, r.op, r.intermediate)
             if key not in out:
-                out[key] = r if r.step is None else OpRange(r.module, r.op, r.module_class)
+                out[key] = r if r.step is None else OpRange(r.module, r.op, r.module_class,
+                                                            intermediate=r.intermediate)
             if r.step is not None:
                 out[key].merge(r)
         return out
 
-    def get(self, module: str, op: str = OUTPUT) -> OpRange | None:
-        """The record of one site, merged over steps when profiled per step."""
-        return self.merged().get((module, op))
+    def get(self, module: str, op: str = OUTPUT, intermediate: str | None = None) -> OpRange | None:
+        """The record of one site, merged over steps when profiled per step. `get(m, "attn_scores")` also
+        finds an intermediate by its own name when no op is called that."""
+        merged = self.merged()
+        hit = merged.get((module, op, intermediate or ""))
+        if hit is None and intermediate is None:
+            hit = next((r for (m, _, i), r in merged.items() if m == module and i == op), None)
+        return hit
 
     def overflowing(self) -> list[OpRange]:
         return [r for r in self.records if r.overflows]
@@ -205,13 +223,12 @@ class _OpMode(TorchFunctionMode):
         if name is None:
             return func(*args, **kwargs)
         p = self.p
-        if name == "softmax" and args and isinstance(args[0], torch.Tensor):
-            p._record("softmax_input", args[0])
-        elif name == "scaled_dot_product_attention":
-            p._record_sdpa(args, kwargs)
+        handler = fused.HANDLERS.get(name)
+        if handler is not None:
+            p._record_fused(name, handler, args, kwargs)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            p._record(name, out)
+            p._record(name, out, intermediate=fused.RESULT_NAMES.get(name, ""))
         elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             p._record(name, out[0])
         return out
@@ -281,15 +298,20 @@ class RangeProfiler:
         return hook
 
     # ------------------------------------------------------------------ recording
-    def _record(self, op: str, t: torch.Tensor, module: str | None = None) -> None:
+    def _site(self, module: str, op: str, intermediate: str) -> OpRange:
+        key = (module, op, intermediate, self.step)
+        rec = self._records.get(key)
+        if rec is None:
+            rec = self._records[key] = OpRange(module, op, self._classes.get(module, "?"), self.step,
+                                               intermediate=intermediate)
+        return rec
+
+    def _record(self, op: str, t: torch.Tensor, module: str | None = None, intermediate: str = "") -> None:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() == 0:
             return
         if module is None:
             module = self._stack[-1] if self._stack else ROOT
-        key = (module, op, self.step)
-        rec = self._records.get(key)
-        if rec is None:
-            rec = self._records[key] = OpRange(module, op, self._classes.get(module, "?"), self.step)
+        rec = self._site(module, op, intermediate)
         last = self._last
         if op == OUTPUT and last is not None and last[0] is t and last[2] == t._version:
             rec.add(last[1])  # a module's output is often its last op's result, unchanged since: reuse
@@ -299,35 +321,20 @@ class RangeProfiler:
         rec.add(stats)
         self._last = (t, stats, t._version)  # one tensor kept alive at most: the latest
 
-    def _record_sdpa(self, args, kwargs) -> None:
-        q = args[0] if args else kwargs.get("query")
-        k = args[1] if len(args) > 1 else kwargs.get("key")
-        mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
-        scale = kwargs.get("scale") or (args[6] if len(args) > 6 else None)
-        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() != 4:
-            return
+    def _record_fused(self, op: str, handler, args, kwargs) -> None:
+        """The intermediates a fused op forms inside (fused.HANDLERS), from this call's inputs."""
+        module = self._stack[-1] if self._stack else ROOT
         with torch.no_grad(), torch._C.DisableTorchFunction():
-            b, h, s, d = q.shape
-            hk = k.shape[1]
-            scale = scale if scale is not None else 1.0 / math.sqrt(d)
-            g = h // hk if hk and h % hk == 0 else 1
-            qg = q.reshape(b, hk, g, s, d) if g > 1 else q.unsqueeze(2)
-            scores = torch.matmul(qg, k.unsqueeze(2).transpose(-1, -2)) * scale  # [b, hk, g, s, L]
-            self._record("attn_scores", scores)
-            if isinstance(mask, torch.Tensor) and mask.is_floating_point():
-                self._record("attn_mask", mask)
-                m = mask.unsqueeze(2) if mask.dim() == 4 and mask.shape[1] in (1,) else (
-                    mask.reshape(mask.shape[0], hk, g, *mask.shape[2:]) if mask.dim() == 4 else mask)
-                self._record("softmax_input", scores + m)
-            else:
-                self._record("softmax_input", scores)
-            del scores
+            found = handler(args, kwargs)
+        for intermediate, stats in found.items():
+            self._site(module, op, intermediate).add(stats)
 
     def profile(self) -> RangeProfile:
         notes = []
-        if any(r.op == "attn_scores" for r in self._records.values()):
-            notes.append("attn_scores / softmax_input of fused attention are computed by the profiler over all "
-                         "key positions (masked ones included)")
+        if any(r.intermediate and r.op in fused.HANDLERS for r in self._records.values()):
+            notes.append("intermediates of fused ops ([centered_square], [attn_scores], [cube], ...) are "
+                         "recomputed by the profiler from each call's inputs; attention scores cover every key "
+                         "position, the softmax input only the unmasked ones")
         return RangeProfile(list(self._records.values()), type(self.model).__name__, self.inputs, notes)
 
 

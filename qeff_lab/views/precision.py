@@ -25,15 +25,35 @@ def _formatted(df: pd.DataFrame) -> pd.DataFrame:
     return df.apply(lambda col: col.map(_fmt)) if not df.empty else df
 
 
-def render_findings(findings, max_rows: int = 40) -> str:
-    df = findings.to_frame()
-    if df.empty:
+CAUSE_VIEW_COLUMNS = ["severity", "cause", "modules", "places", "times_limit", "fix"]
+PLACE_VIEW_COLUMNS = ["severity", "place", "intermediate", "value", "limit", "visible_at_output"]
+
+
+def render_findings(findings, max_rows: int = 40, css_class: str = "qeff-precision-findings") -> str:
+    """One row per root cause (severity in colour, worst first), then each cause expandable (<details>) to its
+    modules and ops, with how to apply its fix. The same grouping as `findings.to_frame()`. Tables carry
+    `css_class` (causes) and `css_class`-places (the static report's Findings section: "qeff-findings")."""
+    from qeff_lab.views.report import findings_html
+
+    if not len(findings):
         return "<div><b>Findings</b>: none — every profiled value fits fp16</div>"
-    head = " ".join(f"<span style='color:{SEVERITY_COLORS[s]}'>{n} {s}</span>"
-                    for s, n in df["severity"].value_counts().items())
-    return (f"<div><b>Findings</b>: {head}</div>" + html_table(_formatted(findings.summary()), caption="by kind")
-            + html_table(_formatted(df.drop(columns=["suggestion"])), caption="places (worst first)",
-                         max_rows=max_rows))
+    causes = findings.causes()
+    frame = findings.to_frame()
+    counts = frame["severity"].value_counts()
+    head = " ".join(f"<span style='color:{SEVERITY_COLORS[s]}'>{n} {s}</span>" for s, n in counts.items())
+    caption = f"findings: {len(causes)} cause(s) over {len(findings)} place(s)"
+    shown = frame[CAUSE_VIEW_COLUMNS].copy()
+    shown["times_limit"] = [f"{v:.2g}x" for v in shown["times_limit"]]
+    parts = [f"<div><b>Findings</b>: {head} (causes)</div>", findings_html(shown, caption=caption, css_class=css_class)]
+    for i, c in enumerate(causes):
+        places = c.to_frame()[PLACE_VIEW_COLUMNS]
+        parts.append(
+            f"<details class='qeff-cause'><summary><span style='color:{SEVERITY_COLORS[c.severity]}'>"
+            f"{html.escape(c.severity)}</span> {html.escape(c.title)}</summary>"
+            f"<div style='font-size:12px'>fix: {html.escape(c.remedy)}</div>"
+            + html_table(_formatted(places), caption=f"cause {i}: {len(c.modules)} module(s), {len(places)} place(s)",
+                         max_rows=max_rows, css_class=f"{css_class}-places") + "</details>")
+    return "".join(parts)
 
 
 def render_profile(profile, max_rows: int = 20) -> str:
@@ -48,9 +68,13 @@ def render_report(report) -> str:
 
 
 def render_ladder(ladder, timings: bool = False) -> str:
-    """The ladder's summary table; seconds per rung only with `timings` (they change from run to run)."""
-    df = ladder.summary if timings else ladder.summary.drop(columns=["seconds"], errors="ignore")
-    return html_table(_formatted(df), caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}")
+    """The ladder's table as `ladder.table()` words it (the same on every CPU: noise-level differences shown
+    against their tolerance, 2 significant digits); seconds per rung only with `timings`."""
+    df = ladder.table()
+    if timings and "seconds" in ladder.summary:
+        df.insert(len(df.columns) - 1 if "note" in df.columns else len(df.columns), "seconds",
+                  [f"{v:.2f}" for v in ladder.summary["seconds"]])
+    return html_table(df, caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}")
 
 
 def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None, title: str = "fp16 headroom",

@@ -78,7 +78,8 @@ def findings_frame(details: Any) -> pd.DataFrame | None:
     return pd.DataFrame(rows)
 
 
-def findings_html(frame: pd.DataFrame, max_rows: int = 200) -> str:
+def findings_html(frame: pd.DataFrame, max_rows: int = 200, caption: str | None = None,
+                  css_class: str = "qeff-findings") -> str:
     """Findings as a table whose severity cells carry the palette's colours (worst first, as given)."""
     total = len(frame)
     frame = frame.head(max_rows)
@@ -95,8 +96,9 @@ def findings_html(frame: pd.DataFrame, max_rows: int = 200) -> str:
             cells.append(f"<td style='{style}'>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<div class='meta'>… {total - max_rows} more</div>" if total > max_rows else ""
-    return (f"<table class='qeff-findings' style='{TABLE_STYLE}'><caption style='text-align:left;font-weight:bold'>"
-            f"findings ({total})</caption><tr>{head}</tr>{''.join(rows)}</table>{more}")
+    return (f"<table class='{html.escape(css_class)}' style='{TABLE_STYLE}'>"
+            "<caption style='text-align:left;font-weight:bold'>"
+            f"{html.escape(caption or f'findings ({total})')}</caption><tr>{head}</tr>{''.join(rows)}</table>{more}")
 
 
 def _precision_figures(report) -> list:
@@ -151,12 +153,19 @@ def report_html(model, title: str | None = None) -> str:
 
     all_findings = []
     for name, rep in steps.items():
+        grouped = getattr(rep.details, "findings", None)
+        if hasattr(grouped, "causes"):  # precision findings: one row per root cause, places expandable
+            if len(grouped):
+                from qeff_lab.views.precision import render_findings
+
+                all_findings.append((name, render_findings(grouped, max_rows=200, css_class="qeff-findings")))
+            continue
         frame = findings_frame(rep.details)
         if frame is not None and len(frame):
-            all_findings.append((name, frame))
+            all_findings.append((name, findings_html(frame)))
     if all_findings:
         parts.append("<h2 id='findings'>Findings</h2>")
-        parts += [f"<div class='meta'>from {html.escape(n)}</div>" + findings_html(f) for n, f in all_findings]
+        parts += [f"<div class='meta'>from {html.escape(n)}</div>" + body for n, body in all_findings]
 
     for name, rep in steps.items():
         parts.append(f"<section id='step-{html.escape(name)}'><h2>{html.escape(name)}</h2>{step_detail_html(rep)}")

@@ -15,7 +15,7 @@ TABLE_STYLE = ("border-collapse:collapse;font-family:ui-monospace,monospace;font
 CELL_STYLE = "border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top"
 
 
-def html_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 60) -> str:
+def html_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 60, css_class: str | None = None) -> str:
     """A DataFrame as a small, consistently styled HTML table (long tables are cut with a note)."""
     shown = df.head(max_rows)
     head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{html.escape(str(c))}</th>" for c in shown.columns)
@@ -25,7 +25,8 @@ def html_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 60)
     )
     cap = f"<caption style='text-align:left;font-weight:bold'>{html.escape(caption)}</caption>" if caption else ""
     more = f"<div style='font-size:11px;color:#757575'>… {len(df) - max_rows} more rows</div>" if len(df) > max_rows else ""
-    return f"<table style='{TABLE_STYLE}'>{cap}<tr>{head}</tr>{rows}</table>{more}"
+    cls = f" class='{html.escape(css_class)}'" if css_class else ""
+    return f"<table{cls} style='{TABLE_STYLE}'>{cap}<tr>{head}</tr>{rows}</table>{more}"
 
 
 def _badge(status: str) -> str:

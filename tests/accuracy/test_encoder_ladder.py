@@ -11,8 +11,10 @@ def test_minilm_ladder_cosines(tmp_path, monkeypatch):
     monkeypatch.setenv("QEFF_LAB_CACHE", str(tmp_path))
     model = QEFFAutoModel.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", pooling="mean")
     texts = ["My name is", "The quick brown fox jumps over the lazy dog.", "fp16 keeps eleven significant bits"]
-    report = encoder_ladder(model, texts, progress=False)
+    report = encoder_ladder(model, progress=False)  # default: 128 sentences of the shipped text
     s = report.summary.set_index("rung")
+    assert (s["sentences"] >= 100).all()
+    assert (s["min_cosine"] <= s["p1_cosine"]).all() and (s["p1_cosine"] <= s["median_cosine"]).all()
     assert list(s.index) == ["HF fp32", "transformed fp32", "ORT fp32", "fp16 (no fixes)", "fp16 (fixes)",
                              "fp16 + MXFP6"]
     assert s.loc["HF fp32", "min_cosine"] == pytest.approx(1.0)

@@ -59,11 +59,16 @@ def test_ladder_rungs_and_fp32_parity(ladder):
     assert list(s.index) == ["HF fp32", "transformed fp32", "ORT fp32", "fp16 (no fixes)", "fp16 (fixes)",
                              "fp16 + MXFP6", "fp16 + MXFP6 + MXINT8 KV"]
     for rung in ["HF fp32", "transformed fp32", "ORT fp32"]:
-        assert s.loc[rung, "token_match"] == 1.0 and s.loc[rung, "argmax_agreement"] == 1.0
-        assert s.loc[rung, "max_abs_logit_diff"] < 1e-4
+        assert s.loc[rung, "token_match"] == 1.0 and s.loc[rung, "top1_agreement"] == 1.0
+        assert s.loc[rung, "max_abs_logit_diff"] < 1e-4 and s.loc[rung, "kl_max"] < 1e-6
     assert s.loc["HF fp32", "first_divergence"] is None or np.isnan(s.loc["HF fp32", "first_divergence"])
     # fp16 moves the logits a little, MXFP6 more: the ladder sees the order
     assert 0 < s.loc["fp16 (fixes)", "mean_abs_logit_diff"] < s.loc["fp16 + MXFP6", "mean_abs_logit_diff"]
+    assert 0 < s.loc["fp16 (fixes)", "kl_mean"] < s.loc["fp16 + MXFP6", "kl_mean"]  # KL sees the same order
+    assert s.loc["fp16 (fixes)", "kl_mean"] <= s.loc["fp16 (fixes)", "kl_p99"] <= s.loc["fp16 (fixes)", "kl_max"]
+    table = ladder.table().set_index("rung")  # the text form: exact results, noise as "<tol"
+    assert table.loc["ORT fp32", "max_abs_logit_diff"] == "<1e-03" and table.loc["ORT fp32", "kl_mean"] == "<1e-06"
+    assert table.loc["ORT fp32", "token_match"] == "100%" and "seconds" not in table.columns
     assert np.isfinite(s["perplexity"]).all() and (s["perplexity"] > 1).all()
     assert len(ladder.per_prompt) == 2 * len(s)
     assert "7 rungs" in repr(ladder)

@@ -3,7 +3,8 @@ import math
 
 import numpy as np
 
-from qeff_lab.accuracy.metrics import cosine_similarity, first_divergence, logit_errors, perplexity, token_match_rate
+from qeff_lab.accuracy.metrics import (cosine_similarity, first_divergence, kl_divergence, kl_stats, logit_errors,
+                                       perplexity, token_match_rate)
 
 
 def test_token_match_and_first_divergence_with_margin():
@@ -32,3 +33,16 @@ def test_logit_errors_and_perplexity():
 def test_cosine():
     a = np.array([[1.0, 0.0], [1.0, 1.0]])
     np.testing.assert_allclose(cosine_similarity(a, np.array([[2.0, 0.0], [-1.0, -1.0]])), [1.0, -1.0])
+
+
+def test_kl_divergence_and_top1_agreement():
+    p = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.2, 0.7]]))
+    q = np.log(np.array([[0.25, 0.5, 0.25], [0.1, 0.2, 0.7]]))
+    kl = kl_divergence(p, q + 3.0)  # logits: a constant shift changes nothing
+    assert math.isclose(kl[0], 0.5 * math.log(2) + 0.25 * math.log(0.5), rel_tol=1e-12) and abs(kl[1]) < 1e-15
+    s = kl_stats(p, q)
+    assert s["top1_agreement"] == 0.5 and math.isclose(s["kl_max"], kl[0]) and math.isclose(s["kl_p99"], kl[0])
+    bad = q.copy()
+    bad[1, 0] = np.nan
+    s = kl_stats(p, bad)
+    assert s["kl_max"] == math.inf and s["kl_p99"] == math.inf and s["kl_mean"] == math.inf

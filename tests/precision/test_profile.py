@@ -114,7 +114,7 @@ def test_fused_attention_scores_and_fp32_min_mask_are_found():
     findings = find_issues(prof.profile())
     kinds = {f.kind for f in findings}
     assert {"attention-scores", "mask-constant"} <= kinds
-    scores = [f for f in findings if f.op == "attn_scores"][0]
+    scores = [f for f in findings if f.intermediate == "attn_scores"][0]  # sdpa intermediates are named now
     expected = (q @ k.transpose(-1, -2) / math.sqrt(8)).abs().max().item()
     assert math.isclose(scores.value, expected, rel_tol=1e-5)
     assert [f for f in findings if f.kind == "mask-constant"][0].severity == "warning"

@@ -131,8 +131,10 @@ def test_precision_report_of_a_real_analyze_shows_findings_and_the_heatmap(tmp_p
     assert any(f.kind == "norm-square" for f in report.findings)
     text = model.report(tmp_path / "r.html").read_text()
     page = Page(text)
-    assert len(page.all("table", "qeff-findings")) == 1
-    assert f"findings ({len(report.findings)})" in "".join(page.text)
+    assert len(page.all("table", "qeff-findings")) == 1  # one row per root cause...
+    causes = report.findings.causes()
+    assert f"findings: {len(causes)} cause(s) over {len(report.findings)} place(s)" in "".join(page.text)
+    assert len(page.all("table", "qeff-findings-places")) == len(causes)  # ...each expandable to its places
     assert f"background:{COLORS['failed']}'>error</td>" in text  # severity "error" in the palette's red
     alts = [a["alt"] for a in page.all("img", "plot")]
     assert alts == ["time per step", "analyze plot 1"]  # durations, then the precision heatmap

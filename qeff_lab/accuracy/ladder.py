@@ -28,7 +28,7 @@ from qeff_lab.accuracy.metrics import (cosine_similarity, first_divergence, kl_s
 from qeff_lab.accuracy.runners import EmulatedRunner, HFCausalRunner, RetainedStateRunner, teacher_forced_logits
 from qeff_lab.precision.emulate import Fp16Emulation, fp16_weights
 from qeff_lab.precision.findings import Findings
-from qeff_lab.precision.fixes import apply_fixes, revert_fixes, revert_safe_norm, safe_norm_transform
+from qeff_lab.precision.fixes import apply_fixes, revert_fixes, safe_norm_transform
 from qeff_lab.precision.mx import mxfp6_weights
 from qeff_lab.pipeline import HtmlRepr
 
@@ -290,15 +290,13 @@ def encoder_ladder(qeff_model, texts: Sequence[str] | None = None, *, mxfp6: boo
 
     texts = list(texts) if texts is not None else shipped_sentences()
 
-    from qeff_lab.transforms.encoders import ENCODER_SWAPS, PooledEncoder
+    from qeff_lab.transforms.base import unswap_modules
+    from qeff_lab.transforms.encoders import PooledEncoder
 
     enc = qeff_model.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
-    undo = {new: old for old, new in ENCODER_SWAPS.items()}
-    hf = copy.deepcopy(qeff_model.model)
-    revert_safe_norm(hf)
-    for m in hf.modules():
-        if type(m) in undo:
-            m.__class__ = undo[type(m)]
+    hf = copy.deepcopy(qeff_model.model)  # HF's own encoder: every qeff_lab swap undone, newest first
+    revert_fixes(hf)
+    unswap_modules(hf, "Fp16SafeAttentionMask")
 
     def embed(model, fp16=False):
         wrapper = PooledEncoder(model, qeff_model.pooling).eval()

@@ -358,27 +358,35 @@ class QEFFBaseModel(HtmlRepr):
         return report
 
     def fix_precision(self, report=None) -> StepReport:
-        """Apply the precision fixes the findings call for: the overflow-safe RMSNorm / LayerNorm on the norms
-        `report` (default: the last analyze) flags, or on every norm when there is no report. Recorded as the
-        "precision-fixes" step; a later export includes them; `unfix_precision()` switches them off."""
-        from qeff_lab.precision import safe_norm_transform
+        """Apply the exact fixes the findings call for (qeff_lab.precision.apply_fixes: overflow-safe norms,
+        pre-scaled attention scores, safe tanh-GELU) on the modules `report` (default: the last analyze) names,
+        or every fixable module when there is no report. Findings without an exact fix are left to the NPI YAML.
+        Recorded as the "precision-fixes" step; a later export includes them; `unfix_precision()` undoes them."""
+        from qeff_lab.precision import apply_fixes
 
         report = report if report is not None else getattr(self, "precision_report", None)
-        only = report.findings.modules("norm-square") if report is not None else None
-        reasons = {f.module: f"{f.place}: {f.reason}" for f in report.findings.of_kind("norm-square")} if report else {}
         with timed() as elapsed:
-            result = safe_norm_transform(self.model, only=only, reasons=reasons)
+            results = apply_fixes(self.model, report.findings if report is not None else None)
         self._forget_artifacts()
-        return self._record(StepReport(Step.PRECISION_FIXES, "done", elapsed(), result.summary(), [result]))
+        n = sum(len(r.changes) for r in results)
+        summary = ", ".join(r.summary() for r in results) if n else results[0].summary()
+        return self._record(StepReport(Step.PRECISION_FIXES, "done", elapsed(), summary, results))
 
     def unfix_precision(self) -> StepReport:
-        """Switch the precision fixes off again (original norm classes; weights untouched)."""
-        from qeff_lab.precision import revert_safe_norm
+        """Switch the precision fixes off again (original classes and scales; weights untouched)."""
+        from qeff_lab.precision import revert_fixes
 
-        result = revert_safe_norm(self.model)
+        results = revert_fixes(self.model)
         self._forget_artifacts()
         self.steps.pop(Step.PRECISION_FIXES, None)
-        return StepReport(Step.PRECISION_FIXES, "skipped", 0.0, result.summary(), [result])
+        return StepReport(Step.PRECISION_FIXES, "skipped", 0.0, "; ".join(r.summary() for r in results), results)
+
+    def precision_fix_key(self) -> list[str]:
+        """What the precision fixes changed, for export cache keys (a fixed graph is a different file)."""
+        from qeff_lab.transforms.base import swapped_by
+
+        fixes = ("SafeNorm", "SafeGELU", "PrescaledAttention")
+        return [f"{name}:{path}" for path, m in self.model.named_modules() for name in swapped_by(m) if name in fixes]
 
     # ------------------------------------------------------------------ record and show
     def _forget_artifacts(self) -> None:

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from qeff_lab.ops.safe_norm import layer_norm_op, rms_norm_op
-from qeff_lab.pipeline import Change, TransformResult
+from qeff_lab.pipeline import TransformResult
+from qeff_lab.transforms.base import swap_modules, unswap_modules
 
 _RMS_RE = re.compile(r"RMS_?Norm$", re.IGNORECASE)
 _SAFE_CLASSES: dict[type, type] = {}
@@ -72,41 +73,55 @@ def safe_norm_transform(model: nn.Module, only: Iterable[str] | None = None,
                         reasons: dict[str, str] | None = None) -> TransformResult:
     """Swap RMSNorm / LayerNorm modules for their overflow-safe form. `only`: module paths to swap (e.g.
     `findings.modules("norm")`); default every norm. `reasons`: path -> why (the value the profile saw)."""
-    only = set(only) if only is not None else None
     reasons = reasons or {}
-    result = TransformResult("SafeNorm")
-    skipped = []
-    for path, module in model.named_modules():
-        if only is not None and path not in only:
-            continue
+
+    def choose(path, module):
         kind = norm_kind(module)
-        if kind is None:
-            if only is not None and path in only and not getattr(type(module), "_qeff_safe_norm", False):
-                skipped.append(f"{path} ({type(module).__name__}: not a norm this fix understands)")
-            continue
-        old = type(module)
-        module.__class__ = _safe_class(old, kind)
-        why = reasons.get(path) or WHY
-        result.changes.append(Change(path or "<root>", old.__name__, module.__class__.__name__, why))
-    if skipped:
-        result.notes.append("left alone: " + "; ".join(skipped))
-    if not result.changes:
-        result.notes.append("no RMSNorm / LayerNorm left to make safe" if only is None else
+        return (_safe_class(type(module), kind), reasons.get(path) or WHY) if kind else None
+
+    def skip_note(path, module):
+        return None if getattr(type(module), "_qeff_safe_norm", False) else "not a norm this fix understands"
+
+    return _swap_with_notes(model, "SafeNorm", choose, only, skip_note,
+                            "no RMSNorm / LayerNorm left to make safe" if only is None else
                             "none of the given modules is an RMSNorm / LayerNorm")
-    return result
 
 
 def revert_safe_norm(model: nn.Module) -> TransformResult:
     """Switch the fix off: restore each swapped norm's original class (weights untouched)."""
-    result = TransformResult("RevertSafeNorm")
-    for path, module in model.named_modules():
-        cls = type(module)
-        if getattr(cls, "_qeff_safe_norm", False):
-            module.__class__ = cls._qeff_original
-            result.changes.append(Change(path or "<root>", cls.__name__, module.__class__.__name__,
-                                         "safe-norm fix switched off"))
+    return _revert(model, "SafeNorm", "RevertSafeNorm", "no safe norm to revert")
+
+
+def _swap_with_notes(model: nn.Module, name: str, choose, only: Iterable[str] | None, skip_note, nothing: str
+                     ) -> TransformResult:
+    """swap_modules with `choose`, limited to the paths in `only`; a path in `only` that `choose` refuses is
+    noted with `skip_note(path, module)` (None: say nothing)."""
+    only = set(only) if only is not None else None
+    skipped = []
+
+    def limited(path, module):
+        if only is not None and path not in only:
+            return None
+        choice = choose(path, module)
+        if choice is None and only is not None:
+            note = skip_note(path, module)
+            if note:
+                skipped.append(f"{path} ({type(module).__name__}: {note})")
+        return choice
+
+    result = swap_modules(model, limited, name)
+    if skipped:
+        result.notes.append("left alone: " + "; ".join(skipped))
     if not result.changes:
-        result.notes.append("no safe norm to revert")
+        result.notes.append(nothing)
+    return result
+
+
+def _revert(model: nn.Module, name: str, report_name: str, nothing: str) -> TransformResult:
+    result = unswap_modules(model, name)
+    result.name = report_name
+    if not result.changes:
+        result.notes[:] = [nothing]
     return result
 
 
@@ -143,28 +158,20 @@ def _safe_gelu_forward(self, x, *args, **kwargs):
 def safe_gelu_transform(model: nn.Module, only: Iterable[str] | None = None) -> TransformResult:
     """Swap tanh-GELU activation modules (nn.GELU('tanh'), transformers' GELUTanh / NewGELUActivation) for the
     clamped safe form. `only`: module paths (e.g. `findings.with_fix("SafeGELU").modules()`); default all."""
-    only = set(only) if only is not None else None
-    result = TransformResult("SafeGELU")
-    skipped = []
-    for path, module in model.named_modules():
-        if only is not None and path not in only:
-            continue
+    def choose(path, module):
         if not is_gelu_tanh(module):
-            if only is not None and not getattr(type(module), "_qeff_safe_gelu", False):
-                skipped.append(f"{path} ({type(module).__name__}: not a tanh-GELU module)")
-            continue
+            return None
         old = type(module)
         if old not in _SAFE_GELU:
             _SAFE_GELU[old] = type(f"Safe{old.__name__}", (old,), {
                 "forward": _safe_gelu_forward, "_qeff_safe_gelu": True, "_qeff_original": old,
                 "__doc__": f"{old.__name__} with x clamped to ±{GELU_CLAMP} inside the tanh (fp16-safe x³)."})
-        module.__class__ = _SAFE_GELU[old]
-        result.changes.append(Change(path or "<root>", old.__name__, module.__class__.__name__, GELU_WHY))
-    if skipped:
-        result.notes.append("left alone: " + "; ".join(skipped))
-    if not result.changes:
-        result.notes.append("no tanh-GELU module to make safe")
-    return result
+        return _SAFE_GELU[old], GELU_WHY
+
+    def skip_note(path, module):
+        return None if getattr(type(module), "_qeff_safe_gelu", False) else "not a tanh-GELU module"
+
+    return _swap_with_notes(model, "SafeGELU", choose, only, skip_note, "no tanh-GELU module to make safe")
 
 
 # ----------------------------------------------------------------------------- pre-scaled attention scores
@@ -192,29 +199,34 @@ def prescaled_attention_transform(model: nn.Module, only: Iterable[str] | None =
     every attention that reads `self.scaling` (transformers' eager / sdpa / retained-state attention).
     `only`: attention module paths (e.g. `findings.with_fix("PrescaledAttention").modules()`); default all."""
     only = set(only) if only is not None else None
-    result = TransformResult("PrescaledAttention")
+    targets: dict[str, tuple[nn.Module, str, float]] = {}  # q producer's path -> (attention, child name, scale)
     skipped = []
-    for path, module in model.named_modules():
-        if only is not None and path not in only:
+    for path, module in model.named_modules():  # find the attention modules; the swap is on their q producers
+        if (only is not None and path not in only) or getattr(module, "_qeff_prescaled", None) is not None:
             continue
-        scaling = getattr(module, "scaling", None)
-        found = _q_child(module)
-        if not isinstance(scaling, float) or found is None or getattr(module, "_qeff_prescaled", None) is not None:
-            if only is not None and getattr(module, "_qeff_prescaled", None) is None:
+        scaling, found = getattr(module, "scaling", None), _q_child(module)
+        if not isinstance(scaling, float) or found is None:
+            if only is not None:
                 skipped.append(f"{path} ({type(module).__name__}: no float `scaling` and q projection)")
             continue
-        name, child = found
+        targets[f"{path}.{found[0]}" if path else found[0]] = (module, found[0], scaling)
+
+    def swap_child(path, child):
+        if path not in targets:
+            return None
         old = type(child)
         if old not in _PRESCALED:
             _PRESCALED[old] = type(f"Prescaled{old.__name__}", (old,), {
                 "forward": _prescaled_forward, "_qeff_original": old, "_qeff_prescaled_q": True,
                 "__doc__": f"{old.__name__} whose output is multiplied by the attention scale."})
-        child.__class__ = _PRESCALED[old]
-        child._qeff_prescale = scaling
-        module._qeff_prescaled = (name, scaling)
-        module.scaling = 1.0
-        result.changes.append(Change(f"{path}.{name}", old.__name__, child.__class__.__name__,
-                                     f"q · {scaling:.4g} before q·kᵀ; {path}.scaling 1.0. {PRESCALE_WHY}"))
+        attention, name, scaling = targets[path]
+        return _PRESCALED[old], f"q · {scaling:.4g} before q·kᵀ; scaling 1.0. {PRESCALE_WHY}"
+
+    result = swap_modules(model, swap_child, "PrescaledAttention")
+    for attention, name, scaling in targets.values():
+        getattr(attention, name)._qeff_prescale = scaling
+        attention._qeff_prescaled = (name, scaling)
+        attention.scaling = 1.0
     if skipped:
         result.notes.append("left alone: " + "; ".join(skipped))
     if not result.changes:
@@ -223,35 +235,18 @@ def prescaled_attention_transform(model: nn.Module, only: Iterable[str] | None =
 
 
 def revert_prescaled_attention(model: nn.Module) -> TransformResult:
-    result = TransformResult("RevertPrescaledAttention")
-    for path, module in model.named_modules():
-        state = getattr(module, "_qeff_prescaled", None)
-        if state is None:
-            continue
-        name, scaling = state
-        child = getattr(module, name)
-        child.__class__ = type(child)._qeff_original
-        del child._qeff_prescale
-        module.scaling = scaling
-        del module._qeff_prescaled
-        result.changes.append(Change(f"{path}.{name}", f"Prescaled{type(child).__name__}", type(child).__name__,
-                                     "pre-scaled attention switched off"))
-    if not result.changes:
-        result.notes.append("no pre-scaled attention to revert")
+    result = _revert(model, "PrescaledAttention", "RevertPrescaledAttention", "no pre-scaled attention to revert")
+    for module in model.modules():
+        state = module.__dict__.pop("_qeff_prescaled", None)
+        if state is not None:
+            name, scaling = state
+            getattr(module, name).__dict__.pop("_qeff_prescale", None)
+            module.scaling = scaling
     return result
 
 
 def revert_safe_gelu(model: nn.Module) -> TransformResult:
-    result = TransformResult("RevertSafeGELU")
-    for path, module in model.named_modules():
-        cls = type(module)
-        if getattr(cls, "_qeff_safe_gelu", False):
-            module.__class__ = cls._qeff_original
-            result.changes.append(Change(path or "<root>", cls.__name__, module.__class__.__name__,
-                                         "safe tanh-GELU switched off"))
-    if not result.changes:
-        result.notes.append("no safe GELU to revert")
-    return result
+    return _revert(model, "SafeGELU", "RevertSafeGELU", "no safe GELU to revert")
 
 
 # ----------------------------------------------------------------------------- every exact fix at once

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from qeff_lab.views.tables import COLORS, html_table
+from qeff_lab.views.tables import COLORS, findings_html, html_table
 
 SEVERITY_COLORS = {"error": COLORS["overflow"], "warning": COLORS["underflow"], "info": "#757575"}
 
@@ -33,8 +33,6 @@ def render_findings(findings, max_rows: int = 40, css_class: str = "qeff-precisi
     """One row per root cause (severity in colour, worst first), then each cause expandable (<details>) to its
     modules and ops, with how to apply its fix. The same grouping as `findings.to_frame()`. Tables carry
     `css_class` (causes) and `css_class`-places (the static report's Findings section: "qeff-findings")."""
-    from qeff_lab.views.report import findings_html
-
     if not len(findings):
         return "<div><b>Findings</b>: none — every profiled value fits fp16</div>"
     causes = findings.causes()

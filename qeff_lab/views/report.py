@@ -10,15 +10,11 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from qeff_lab.views.tables import CELL_STYLE, COLORS, TABLE_STYLE, _badge, html_table
+from qeff_lab.views.tables import CELL_STYLE, COLORS, TABLE_STYLE, _badge, findings_html, html_table
 
 # step name -> function(report) returning matplotlib Figures to embed in that step's section. Other owners may add
 # theirs (e.g. a precision heatmap); a details object with a `figures()` method is drawn without registering.
 FIGURES: dict[str, Callable[[Any], list]] = {}
-
-SEVERITY_COLORS = {"overflow": COLORS["overflow"], "underflow": COLORS["underflow"], "error": COLORS["failed"],
-                   "high": COLORS["failed"], "critical": COLORS["failed"], "warning": COLORS["underflow"],
-                   "medium": COLORS["underflow"], "low": COLORS["info"], "info": COLORS["info"]}
 
 PAGE_STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1100px;color:#212121}
@@ -76,29 +72,6 @@ def findings_frame(details: Any) -> pd.DataFrame | None:
     rows = [f if isinstance(f, dict) else (vars(f) if hasattr(f, "__dict__") else {"finding": str(f)})
             for f in findings]
     return pd.DataFrame(rows)
-
-
-def findings_html(frame: pd.DataFrame, max_rows: int = 200, caption: str | None = None,
-                  css_class: str = "qeff-findings") -> str:
-    """Findings as a table whose severity cells carry the palette's colours (worst first, as given)."""
-    total = len(frame)
-    frame = frame.head(max_rows)
-    key = next((c for c in ("severity", "kind", "level") if c in frame.columns), None)
-    head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{html.escape(str(c))}</th>" for c in frame.columns)
-    rows = []
-    for _, row in frame.iterrows():
-        colour = SEVERITY_COLORS.get(str(row[key]).lower()) if key else None
-        cells = []
-        for c in frame.columns:
-            style = CELL_STYLE + (f";color:white;background:{colour}" if c == key and colour else "")
-            value = row[c]
-            text = f"{value:.4g}" if isinstance(value, float) else str(value)
-            cells.append(f"<td style='{style}'>{html.escape(text)}</td>")
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    more = f"<div class='meta'>… {total - max_rows} more</div>" if total > max_rows else ""
-    return (f"<table class='{html.escape(css_class)}' style='{TABLE_STYLE}'>"
-            "<caption style='text-align:left;font-weight:bold'>"
-            f"{html.escape(caption or f'findings ({total})')}</caption><tr>{head}</tr>{''.join(rows)}</table>{more}")
 
 
 def _precision_figures(report) -> list:

@@ -77,12 +77,13 @@ def test_safe_norm_survives_export_in_a_retained_state_model(tmp_path, monkeypat
     assert "analyze" in q.steps and q.steps["analyze"].details is report
     assert not report.findings.of_kind("norm-square")  # random weights: the report asks for no norm fix...
     assert not q.fix_precision().details[0].modified
-    q.precision_report = None  # ...without a report, every norm is made safe
+    q.precision_report = None  # ...without a report, every exact fix applies: norms, attention scale, GELU
     step = q.fix_precision()
-    assert len(step.details[0].changes) == 5
+    assert [(r.name, len(r.changes)) for r in step.details] == [("SafeNorm", 5), ("PrescaledAttention", 2),
+                                                                ("SafeGELU", 0)]
     assert len(q.unfix_precision().details[0].changes) == 5 and not q.precision_fix_key()
     q.fix_precision()
-    assert q.precision_fix_key()[0].startswith("SafeNorm:")
+    assert {k.split(":")[0] for k in q.precision_fix_key()} == {"SafeNorm", "PrescaledAttention"}
     path = q.export()
     proto = onnx.load(str(path))
     assert sum(n.op_type == "SafeRMSNorm" for n in proto.graph.node) == 5

@@ -49,7 +49,7 @@ def test_report_is_self_contained_and_shows_every_step(compiled_tiny, tmp_path):
     for report in compiled_tiny.steps.values():
         assert report.summary in body
     assert "inputs and outputs" in body and "op counts before / after the ONNX passes" in body
-    assert "not run: analyze, run, compare" in body
+    assert "not run: analyze, generate, compare" in body
 
 
 def test_plots_are_embedded_pngs(compiled_tiny):

@@ -1,4 +1,5 @@
-"""The generation loop over a retained-state KV runner: chunked prefill, greedy decode, metrics.
+"""The generation loop over a retained-state KV runner: chunked prefill, decode (greedy, or sampled per request by
+runtime.sampling), metrics.
 
 One loop drives every runner: `TorchKVRunner` (the transformed PyTorch model, no export) and
 `OrtKVSession` (the compiled graph on the embedded ONNX Runtime backend), so the two are compared on the
@@ -6,7 +7,7 @@ exact same schedule of calls.
 
 Schedule (as a device runs it): prompts are right-padded; prefill runs in chunks of `prefill_seq_len`
 whose padding carries position -1; each row's first token comes from the chunk that holds its last prompt
-token; then greedy decode feeds one token per row per step at position + 1. A row stops at EOS or after
+token; then decode feeds one token per row per step at position + 1. A row stops at EOS or after
 `min(generation_len, ctx_len - prompt_len)` tokens (then it gets position -1: it touches nothing).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 
 from qeff_lab.pipeline import HtmlRepr
+from qeff_lab.runtime.sampling import SamplingParams, TokenChooser
 
 
 class PromptTooLongError(ValueError):
@@ -155,8 +157,12 @@ def generate_ids(
     on_tokens: Callable[[int, list[int]], None] | None = None,
     pad_token_id: int = 0,
     progress: bool | None = None,
+    sampling: Sequence[SamplingParams] | None = None,
+    token_bitmasks=None,
 ) -> tuple[list[list[int]], list[str], GenerationMetrics]:
-    """Greedy generation of `prompt_ids` on `runner`, in batches of `runner.batch_size`.
+    """Generation of `prompt_ids` on `runner`, in batches of `runner.batch_size`: greedy, or per prompt as
+    `sampling` says (one SamplingParams per prompt; runtime.sampling), optionally restricted by
+    `token_bitmasks` ([vocab] bool for all prompts, or one per prompt: guided decoding).
 
     Returns (new ids per prompt, why each stopped, metrics). `generation_len=None` means as many as the
     context allows; a larger value is clamped per prompt to `ctx_len - prompt_len` with a warning.
@@ -169,6 +175,7 @@ def generate_ids(
     if generation_len is not None and (not isinstance(generation_len, int) or generation_len < 1):
         raise ValueError(f"generation_len must be a positive int or None, got {generation_len!r}")
     eos = set(eos_token_ids or [])
+    chooser = TokenChooser(prompt_ids, sampling, token_bitmasks)
     limits = [C - len(p) if generation_len is None else min(generation_len, C - len(p)) for p in prompt_ids]
     clamped = [i for i, p in enumerate(prompt_ids) if generation_len is not None and generation_len > C - len(p)]
     if clamped:
@@ -206,7 +213,7 @@ def generate_ids(
             for r in range(len(rows)):
                 if (lengths[r] - 1) // P == c:
                     first_logits[r] = logits[r]
-        next_tok = first_logits.argmax(-1)
+        next_tok = chooser.choose(first_logits[:len(rows)], batch)
         t1 = time.perf_counter()
         if not metrics.ttft_s:
             metrics.ttft_s = t1 - t0
@@ -225,12 +232,12 @@ def generate_ids(
                 if not done[r]:
                     ids[r, 0] = new[r][-1]
                     pos[r, 0] = lengths[r] + len(new[r]) - 1
-            next_tok = runner.step(ids, pos)[:, -1].argmax(-1)
+            logits = runner.step(ids, pos)[:, -1]
+            active = [r for r in range(len(rows)) if not done[r]]
+            chosen = dict(zip(active, chooser.choose(logits[active], [batch[r] for r in active])))
             steps += 1
-            for r in range(len(rows)):
-                if done[r]:
-                    continue
-                new[r].append(int(next_tok[r]))
+            for r in active:
+                new[r].append(int(chosen[r]))
                 metrics.decode_tokens += 1
                 if on_tokens:
                     on_tokens(batch[r], new[r])

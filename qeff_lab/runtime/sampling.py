@@ -234,3 +234,41 @@ def resolve_sampling(n_prompts: int, sampling=None, **kwargs) -> list[SamplingPa
         raise ValueError(f"sampling must be one SamplingParams or a list of {n_prompts} (one per prompt), got "
                          f"{len(sampling)} item(s).")
     return sampling
+
+
+class TokenChooser:
+    """What the generation loops call after each step: `choose(logits [n,V], request indices) -> ids [n]`.
+    Plain argmax when every request is plain greedy without a mask (the fast path, bit-identical to before);
+    otherwise a HostSampler over per-request states, created on the first call (when the vocabulary is known)."""
+
+    def __init__(self, prompt_ids: Sequence[Sequence[int]], sampling: Sequence[SamplingParams] | None = None,
+                 token_bitmasks=None, max_top_k_ids: int | None = None):
+        self.prompt_ids = prompt_ids
+        self.sampling = list(sampling) if sampling is not None else [SamplingParams()] * len(prompt_ids)
+        if len(self.sampling) != len(prompt_ids):
+            raise ValueError(f"{len(self.sampling)} sampling settings for {len(prompt_ids)} prompts.")
+        if token_bitmasks is not None:
+            masks = np.asarray(token_bitmasks, bool)
+            token_bitmasks = [masks] * len(prompt_ids) if masks.ndim == 1 else list(masks)
+            if len(token_bitmasks) != len(prompt_ids):
+                raise ValueError(f"token_bitmasks: one mask [vocab] for all prompts or one per prompt "
+                                 f"[{len(prompt_ids)}, vocab], got {masks.shape}.")
+        self.token_bitmasks = token_bitmasks
+        self.max_top_k_ids = max_top_k_ids
+        self.plain = token_bitmasks is None and all(p.plain_greedy for p in self.sampling)
+        self.states: dict[int, RequestSampling] = {}
+        self.sampler: HostSampler | None = None
+
+    def choose(self, logits: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+        logits = np.asarray(logits, np.float32).reshape(len(indices), -1)
+        if self.plain:
+            return logits.argmax(-1)
+        if self.sampler is None:
+            self.sampler = HostSampler(logits.shape[-1], self.max_top_k_ids)
+        states = []
+        for i in indices:
+            if i not in self.states:
+                mask = self.token_bitmasks[i] if self.token_bitmasks is not None else None
+                self.states[i] = RequestSampling(self.sampling[i], logits.shape[-1], self.prompt_ids[i], i, mask)
+            states.append(self.states[i])
+        return self.sampler.choose(logits, states)

@@ -46,16 +46,33 @@ class TorchKVRunner:
 
     backend = "pytorch"
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, prefill_seq_len: int, ctx_len: int):
+    def __init__(self, model: torch.nn.Module, batch_size: int, prefill_seq_len: int, ctx_len: int,
+                 full_batch_size: int | None = None):
         self.model, self.batch_size, self.prefill_seq_len, self.ctx_len = model, batch_size, prefill_seq_len, ctx_len
-        self.cache = model.new_kv_cache(batch_size, ctx_len)
+        self.full_batch_size = full_batch_size  # continuous batching: this many KV slots, steps name theirs
+        self.continuous_batching = full_batch_size is not None
+        if self.continuous_batching:
+            self.batch_size = full_batch_size
+        self.cache = model.new_kv_cache(full_batch_size or batch_size, ctx_len)
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
+        from qeff_lab.runtime.kv_session import check_batch_index
+
+        bi = None
+        if self.continuous_batching:
+            bi = torch.from_numpy(check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size))
+        elif batch_index is not None:
+            raise ValueError("batch_index was given but this runner has no continuous batching (full_batch_size).")
         with torch.no_grad():
-            logits, self.cache = self.model(torch.from_numpy(input_ids), torch.from_numpy(position_ids), self.cache)
+            logits, self.cache = self.model(torch.from_numpy(np.ascontiguousarray(input_ids, np.int64)),
+                                            torch.from_numpy(np.ascontiguousarray(position_ids, np.int64)),
+                                            self.cache, bi)
         return logits.numpy()
 
     def __repr__(self) -> str:
+        if self.continuous_batching:
+            return (f"<TorchKVRunner full_batch_size {self.full_batch_size}, prefill {self.prefill_seq_len}, "
+                    f"ctx {self.ctx_len}>")
         return f"<TorchKVRunner batch {self.batch_size}, prefill {self.prefill_seq_len}, ctx {self.ctx_len}>"
 
 
@@ -149,6 +166,28 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], ctx_len: int) -> None:
                 f"compile(ctx_len={1 << len(ids).bit_length()})) or shorten the prompt.")
 
 
+def request_limits(prompt_ids: Sequence[Sequence[int]], generation_len, ctx_len: int) -> list[int]:
+    """The number of new tokens each prompt may get: `generation_len` (one int or None for all, or one per
+    prompt), clamped to `ctx_len - prompt_len` with a warning (None: as many as the context allows)."""
+    n = len(prompt_ids)
+    wanted = list(generation_len) if isinstance(generation_len, (list, tuple)) else [generation_len] * n
+    if len(wanted) != n:
+        raise ValueError(f"generation_len has {len(wanted)} value(s) for {n} prompt(s): give one int (or None) for all, "
+                         "or one per prompt.")
+    for g in wanted:
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise ValueError(f"generation_len must be a positive int or None, got {g!r}")
+    room = [ctx_len - len(p) for p in prompt_ids]
+    limits = [r if g is None else min(g, r) for g, r in zip(wanted, room)]
+    clamped = [i for i, (g, r) in enumerate(zip(wanted, room)) if g is not None and g > r]
+    if clamped:
+        shown = generation_len if not isinstance(generation_len, (list, tuple)) else [wanted[i] for i in clamped]
+        warnings.warn(f"generation_len={shown} does not fit ctx_len={ctx_len} for prompt(s) {clamped}: clamped to "
+                      f"ctx_len - prompt_len ({[limits[i] for i in clamped]} tokens). Compile with a larger ctx_len "
+                      "for longer answers.", stacklevel=4)
+    return limits
+
+
 def generate_ids(
     runner: KVRunner,
     prompt_ids: Sequence[Sequence[int]],
@@ -172,16 +211,9 @@ def generate_ids(
     B, P, C = runner.batch_size, runner.prefill_seq_len, runner.ctx_len
     prompt_ids = [list(map(int, p)) for p in prompt_ids]
     check_prompts(prompt_ids, C)
-    if generation_len is not None and (not isinstance(generation_len, int) or generation_len < 1):
-        raise ValueError(f"generation_len must be a positive int or None, got {generation_len!r}")
     eos = set(eos_token_ids or [])
     chooser = TokenChooser(prompt_ids, sampling, token_bitmasks)
-    limits = [C - len(p) if generation_len is None else min(generation_len, C - len(p)) for p in prompt_ids]
-    clamped = [i for i, p in enumerate(prompt_ids) if generation_len is not None and generation_len > C - len(p)]
-    if clamped:
-        warnings.warn(f"generation_len={generation_len} does not fit ctx_len={C} for prompt(s) {clamped}: clamped to "
-                      f"ctx_len - prompt_len ({[limits[i] for i in clamped]} tokens). Compile with a larger ctx_len "
-                      "for longer answers.", stacklevel=3)
+    limits = request_limits(prompt_ids, generation_len, C)
     metrics = GenerationMetrics(prompts=len(prompt_ids), backend=getattr(runner, "backend", type(runner).__name__),
                                 prompt_tokens=sum(map(len, prompt_ids)))
     outputs: list[list[int]] = []

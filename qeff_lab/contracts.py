@@ -16,6 +16,7 @@ MASK_VALUE = -10000.0
 INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
+BATCH_INDEX = "batch_index"  # continuous batching: [batch_size, 1], the KV slot (of full_batch_size) of each row
 LOGITS = "logits"
 RETAINED_SUFFIX = "_RetainedState"  # an output that the device keeps in place of the input of the same stem
 

@@ -7,10 +7,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from qeff_lab.contracts import INPUT_IDS, LOGITS, POSITION_IDS, Step, past_names, retained
+from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, LOGITS, POSITION_IDS, Step, past_names, retained
 from qeff_lab.models.base import CompilePlan, ExportSpec, QEFFBaseModel, UnsupportedModelError
 from qeff_lab.pipeline import StepReport
 from qeff_lab.runtime.generation import GenerationResult, TorchKVRunner, generate_ids
+from qeff_lab.runtime.sampling import SamplingParams, resolve_sampling
 from qeff_lab.transforms.families import FAMILIES
 from qeff_lab.transforms.generic import check_support, generic_kv_transform, max_ctx_len
 from qeff_lab.transforms.kv_cache import Family, SwapResult, kv_cache_transform
@@ -38,6 +39,20 @@ class KVExportWrapper(nn.Module):
         return (logits, *[t for pair in new_past for t in pair])
 
 
+class KVExportWrapperCB(nn.Module):
+    """Continuous batching, QEfficient's input order: (input_ids, position_ids, past_key.0, ..., batch_index)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, *past_and_batch_index):
+        past, batch_index = past_and_batch_index[:-1], past_and_batch_index[-1]
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        logits, new_past = self.model(input_ids, position_ids, pairs, batch_index)
+        return (logits, *[t for pair in new_past for t in pair])
+
+
 class QEFFAutoModelForCausalLM(QEFFBaseModel):
     """A causal LM prepared for Cloud AI 100 (or the embedded ONNX Runtime backend), its KV cache kept on the
     device between steps.
@@ -50,9 +65,15 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
     _hf_auto_class = "AutoModelForCausalLM"
     _kind = "causal_lm"
 
-    def __init__(self, model: nn.Module, resolved):
+    def __init__(self, model: nn.Module, resolved, continuous_batching: bool = False):
         super().__init__(model, resolved)
         self.family = FAMILIES.get(getattr(model.config, "model_type", None))  # None: the generic path
+        if continuous_batching and self.family is None:
+            raise UnsupportedModelError(
+                f"continuous_batching=True needs the batch_index scatter/gather of the hand-written blocks; "
+                f"{model.config.model_type!r} takes the generic path, which does not have it yet. Load it without "
+                f"continuous_batching (batches run as static batches), or use one of {supported_families()}.")
+        self.continuous_batching = continuous_batching
         self.compile_shapes: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ what differs
@@ -81,17 +102,23 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         cls.family_for(config, what)
 
     @classmethod
+    def _check_kind_options(cls, continuous_batching: bool = False, **options) -> None:
+        if not isinstance(continuous_batching, bool):
+            raise ValueError(f"continuous_batching must be True or False, got {continuous_batching!r}")
+
+    @classmethod
     def _load_kwargs(cls, config) -> dict:
         return {"attn_implementation": "eager"}
 
     @classmethod
-    def from_model(cls, model: nn.Module, name: str = "in-memory", transform: bool = True):
+    def from_model(cls, model: nn.Module, name: str = "in-memory", transform: bool = True,
+                   continuous_batching: bool = False):
         """Wrap an already-built HF causal LM (e.g. a tiny random config in a test). It is changed in place."""
         family = cls.family_for(model.config, type(model).__name__)
         if family is not None and not isinstance(model, family.causal_lm):
             raise UnsupportedModelError(f"{type(model).__name__} is a {family.name} model but not its causal LM "
                                         f"class {family.causal_lm.__name__}.")
-        return super().from_model(model, name=name, transform=transform)
+        return super().from_model(model, name=name, transform=transform, continuous_batching=continuous_batching)
 
     @property
     def path(self) -> str:
@@ -128,35 +155,60 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
 
     def io_names(self) -> tuple[list[str], list[str]]:
         past = past_names(self.num_layers)
-        return [INPUT_IDS, POSITION_IDS, *past], [LOGITS, *map(retained, past)]
+        extra = [BATCH_INDEX] if self.continuous_batching else []
+        return [INPUT_IDS, POSITION_IDS, *past, *extra], [LOGITS, *map(retained, past)]
 
     def export_spec(self) -> ExportSpec:
         """(input_ids, position_ids, past_key.{i}, past_value.{i}) -> (logits, *_RetainedState); dynamic
-        batch_size, seq_len and ctx_len."""
+        batch_size, seq_len and ctx_len. With continuous batching (QEfficient's I/O): a last input
+        `batch_index [batch_size, 1]` and the KV buffers' first axis `full_batch_size`."""
         inputs, outputs = self.io_names()
+        past = past_names(self.num_layers)
         batch, seq, ctx = 2, 8, 32
+        kv_rows = 3 if self.continuous_batching else batch
         example: dict[str, torch.Tensor] = {
             INPUT_IDS: torch.ones(batch, seq, dtype=torch.long),
             POSITION_IDS: torch.arange(seq, dtype=torch.long)[None].repeat(batch, 1)}
-        for name, (key, value) in zip(inputs[2::2], self.model.new_kv_cache(batch, ctx)):
+        for name, (key, value) in zip(past[::2], self.model.new_kv_cache(kv_rows, ctx)):
             example[name], example[name.replace("past_key", "past_value")] = key, value
         axes = {INPUT_IDS: {0: "batch_size", 1: "seq_len"}, POSITION_IDS: {0: "batch_size", 1: "seq_len"},
                 LOGITS: {0: "batch_size"}}
-        for name in inputs[2:]:
-            axes[name] = axes[retained(name)] = {0: "batch_size", 2: "ctx_len"}
-        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes,
-                          {"model_type": self.model.config.model_type, "path": self.path})
+        kv_axis = "full_batch_size" if self.continuous_batching else "batch_size"
+        for name in past:
+            axes[name] = axes[retained(name)] = {0: kv_axis, 2: "ctx_len"}
+        options = {"model_type": self.model.config.model_type, "path": self.path}
+        if self.continuous_batching:
+            example[BATCH_INDEX] = torch.tensor([[2], [0]], dtype=torch.long)
+            axes[BATCH_INDEX] = {0: "batch_size"}
+            options["continuous_batching"] = True
+            return ExportSpec(KVExportWrapperCB(self.model), example, outputs, axes, options)
+        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes, options)
 
     # ------------------------------------------------------------------ compile
     def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1, num_cores: int = 16,
                 mxfp6_matmul: bool = False, mxint8_kv_cache: bool = False, backend: str | None = None,
-                **compiler_options: Any):
+                full_batch_size: int | None = None, **compiler_options: Any):
         """Compile two specializations, Prefill (seq_len=prefill_seq_len) and Decode (seq_len=1), both at
         `ctx_len` and `batch_size`. Always writes specializations.json and custom_io.yaml (KV in the device
         dtype: float16, or mxint8 with mxint8_kv_cache, which is not a compiler flag) into the compile folder.
+        Continuous batching (`from_pretrained(..., continuous_batching=True)`) needs `full_batch_size`, the
+        number of KV slots: Prefill runs batch 1 into one slot, Decode runs batch `full_batch_size`, and both
+        specializations name `full_batch_size` (as QEfficient writes them).
         Other `compiler_options` go to qeff_lab.compile, which validates them. Returns the folder."""
+        if full_batch_size is not None and not self.continuous_batching:
+            raise ValueError(f"full_batch_size={full_batch_size} needs a continuous-batching model: load it with "
+                             "QEFFAutoModelForCausalLM.from_pretrained(card, continuous_batching=True) (or from_model("
+                             "..., continuous_batching=True)), or leave full_batch_size out and use batch_size.")
+        if self.continuous_batching:
+            if full_batch_size is None:
+                raise ValueError("This model was loaded with continuous_batching=True: compile(...) needs "
+                                 "full_batch_size=N, the number of requests decoded together (KV slots).")
+            if batch_size != 1:
+                raise ValueError(f"batch_size={batch_size} with continuous batching: prefill runs one request at a "
+                                 "time (batch 1) and decode runs full_batch_size slots; leave batch_size out.")
         for name, value in (("prefill_seq_len", prefill_seq_len), ("ctx_len", ctx_len), ("batch_size", batch_size),
-                            ("num_cores", num_cores)):
+                            ("num_cores", num_cores),
+                            *((("full_batch_size", full_batch_size),) if self.continuous_batching else ())):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if prefill_seq_len > ctx_len:
@@ -165,18 +217,26 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         if limit and ctx_len > limit:
             raise ValueError(f"ctx_len={ctx_len} exceeds this model's {why} ({limit}); compile with ctx_len <= {limit}.")
         kv_dtype = "mxint8" if mxint8_kv_cache else "float16"
-        past = self.io_names()[0][2:]
+        past = past_names(self.num_layers)
+        if self.continuous_batching:
+            specs = [{"batch_size": 1, "seq_len": prefill_seq_len, "ctx_len": ctx_len, "full_batch_size": full_batch_size},
+                     {"batch_size": full_batch_size, "seq_len": 1, "ctx_len": ctx_len, "full_batch_size": full_batch_size}]
+            what = f"full batch {full_batch_size} (continuous batching)"
+        else:
+            specs = [{"batch_size": batch_size, "seq_len": prefill_seq_len, "ctx_len": ctx_len},
+                     {"batch_size": batch_size, "seq_len": 1, "ctx_len": ctx_len}]
+            what = f"batch {batch_size}"
         plan = CompilePlan(
-            [{"batch_size": batch_size, "seq_len": prefill_seq_len, "ctx_len": ctx_len},
-             {"batch_size": batch_size, "seq_len": 1, "ctx_len": ctx_len}],
+            specs,
             (f"prefill {prefill_seq_len}, decode 1" if prefill_seq_len > 1 else "decode 1 (prefill runs it token by "
-             "token)") + f", ctx {ctx_len}, batch {batch_size}, KV {kv_dtype}",
+             "token)") + f", ctx {ctx_len}, {what}, KV {kv_dtype}",
             spec_names=["Prefill", "Decode"],
             custom_io={n: kv_dtype for name in past for n in (name, retained(name))},
             model_info={"mxint8_kv_cache": mxint8_kv_cache})
         folder = self._compile(plan, backend=backend, num_cores=num_cores, options=compiler_options,
                                mxfp6_matmul=mxfp6_matmul)
-        self.compile_shapes = {"prefill_seq_len": prefill_seq_len, "ctx_len": ctx_len, "batch_size": batch_size}
+        self.compile_shapes = {"prefill_seq_len": prefill_seq_len, "ctx_len": ctx_len, "batch_size": batch_size,
+                               "full_batch_size": full_batch_size}
         return folder
 
     # ------------------------------------------------------------------ run
@@ -193,7 +253,11 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         if runtime == "pytorch":
             self._require(Step.TRANSFORM, "transform()")
             shapes = self.compile_shapes or {"prefill_seq_len": 32, "ctx_len": 128, "batch_size": 1}
-            return TorchKVRunner(self.model, shapes["batch_size"], shapes["prefill_seq_len"], shapes["ctx_len"])
+            fbs = shapes.get("full_batch_size")
+            if self.continuous_batching and fbs is None:
+                raise RuntimeError("A continuous-batching model runs on the PyTorch runtime with compile()'s "
+                                   "full_batch_size: call compile(..., full_batch_size=N) first.")
+            return TorchKVRunner(self.model, shapes["batch_size"], shapes["prefill_seq_len"], shapes["ctx_len"], fbs)
         if self.compile_result is None:
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet "
                                "(or pass runtime='pytorch' to run the transformed PyTorch model).")
@@ -207,14 +271,23 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 ids.update([value] if isinstance(value, int) else list(value))
         return sorted(ids)
 
-    def generate(self, tokenizer, prompts: Sequence[str] | str, generation_len: int | None = None,
+    def generate(self, tokenizer, prompts: Sequence[str] | str, generation_len: int | Sequence[int | None] | None = None,
                  stream: bool = False, *, runtime: str = "compiled", verbose: bool = True,
-                 device_ids: list[int] | None = None) -> GenerationResult:
-        """Greedy generation for `prompts` (chat templates are the caller's job). Prompts beyond the compiled
-        batch size run in successive batches. `generation_len=None`: as long as the context allows; longer
-        than `ctx_len - prompt_len` is clamped with a warning. Returns texts, ids and metrics; prints the
-        metrics like QEfficient (verbose) and streams text as it comes (stream=True: the first prompt of each
-        batch live, the others when their batch ends)."""
+                 device_ids: list[int] | None = None, do_sample: bool | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, presence_penalty: float | None = None,
+                 seed: int | None = None, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                 token_bitmasks=None) -> GenerationResult:
+        """Generation for `prompts` (chat templates are the caller's job): greedy by default; `do_sample=True`
+        with temperature / top_k / top_p / min_p / repetition_penalty (HF's meanings), presence_penalty
+        (OpenAI's), `seed` for reproducible draws; or `sampling=` one SamplingParams per prompt. `token_bitmasks`
+        ([vocab] bool, or one per prompt) allows only the masked-in tokens (guided decoding).
+        `generation_len`: one limit, or one per prompt; None: as long as the context allows; longer than
+        `ctx_len - prompt_len` is clamped with a warning. Without continuous batching, prompts beyond the
+        compiled batch size run in successive batches; with it (compile(full_batch_size=N)) requests share the N
+        slots, a finished one handing its slot to the next waiting prompt, and metrics come per request.
+        Returns texts, ids and metrics; prints the metrics like QEfficient (verbose) and streams text as it comes
+        (stream=True: the first prompt of each batch live, the others when their batch ends)."""
         runner = self.runner(runtime, device_ids)
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -226,12 +299,16 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 raise TypeError(f"Prompt {i} is a {type(p).__name__}, not a str.")
             if not p:
                 raise ValueError(f"Prompt {i} is an empty string: a causal LM needs at least one prompt token.")
+        params = resolve_sampling(len(prompts), sampling, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                  presence_penalty=presence_penalty, seed=seed)
         prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-        streamer = _Streamer(tokenizer, prompts, runner.batch_size) if stream else None
-        ids, stopped, metrics = generate_ids(
+        cb = getattr(runner, "full_batch_size", None)
+        streamer = _Streamer(tokenizer, prompts, len(prompts) if cb else runner.batch_size) if stream else None
+        ids, stopped, metrics = self._generate_ids(
             runner, prompt_ids, generation_len, self.eos_token_ids(tokenizer),
-            on_tokens=streamer.on_tokens if streamer else None,
-            pad_token_id=tokenizer.pad_token_id or 0)
+            on_tokens=streamer.on_tokens if streamer else None, pad_token_id=tokenizer.pad_token_id or 0,
+            sampling=params, token_bitmasks=token_bitmasks)
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
         if streamer:
             streamer.finish(texts)
@@ -244,11 +321,24 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             print(metrics.report())
         return result
 
-    def generate_from_ids(self, prompt_ids: Sequence[Sequence[int]], generation_len: int | None = None,
-                          eos_token_ids: Sequence[int] | None = None, *, runtime: str = "compiled") -> GenerationResult:
+    @staticmethod
+    def _generate_ids(runner, prompt_ids, generation_len, eos_token_ids, **options):
+        """The loop for this runner: continuous batching when it has full_batch_size slots, batches otherwise."""
+        if getattr(runner, "full_batch_size", None):
+            from qeff_lab.runtime.continuous_batching import generate_continuous
+
+            return generate_continuous(runner, prompt_ids, generation_len, eos_token_ids, **options)
+        return generate_ids(runner, prompt_ids, generation_len, eos_token_ids, **options)
+
+    def generate_from_ids(self, prompt_ids: Sequence[Sequence[int]], generation_len: int | Sequence[int | None] | None = None,
+                          eos_token_ids: Sequence[int] | None = None, *, runtime: str = "compiled",
+                          sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+                          token_bitmasks=None) -> GenerationResult:
         """Token ids in, token ids out (no tokenizer): the loop parity tests drive."""
         runner = self.runner(runtime)
-        ids, stopped, metrics = generate_ids(runner, prompt_ids, generation_len, eos_token_ids)
+        params = resolve_sampling(len(prompt_ids), sampling)
+        ids, stopped, metrics = self._generate_ids(runner, prompt_ids, generation_len, eos_token_ids,
+                                                   sampling=params, token_bitmasks=token_bitmasks)
         return GenerationResult(ids, [list(p) for p in prompt_ids], metrics, None, None, stopped)
 
 

@@ -20,6 +20,8 @@ class CustomOp:
 CUSTOM_OPS: dict[str, CustomOp] = {op.name: op for op in [
     CustomOp("CtxScatter", "com.qualcomm.cloud", "qeff_lab.ops.ctx"),
     CustomOp("CtxGather", "com.qualcomm.cloud", "qeff_lab.ops.ctx"),
+    CustomOp("CtxScatterCB", "com.qualcomm.cloud", "qeff_lab.ops.ctx_cb"),
+    CustomOp("CtxGatherCB", "com.qualcomm.cloud", "qeff_lab.ops.ctx_cb"),
     CustomOp("CustomRMSNorm", "com.qti.aisw.onnx", "qeff_lab.ops.rms_norm"),
     CustomOp("SafeRMSNorm", "com.qeff_lab", "qeff_lab.ops.safe_norm"),
     CustomOp("SafeLayerNorm", "com.qeff_lab", "qeff_lab.ops.safe_norm"),

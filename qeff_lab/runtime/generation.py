@@ -1,4 +1,5 @@
-"""The generation loop over a retained-state KV runner: chunked prefill, greedy decode, metrics.
+"""The generation loop over a retained-state KV runner: chunked prefill, decode (greedy, or sampled per request by
+runtime.sampling), metrics.
 
 One loop drives every runner: `TorchKVRunner` (the transformed PyTorch model, no export) and
 `OrtKVSession` (the compiled graph on the embedded ONNX Runtime backend), so the two are compared on the
@@ -6,7 +7,7 @@ exact same schedule of calls.
 
 Schedule (as a device runs it): prompts are right-padded; prefill runs in chunks of `prefill_seq_len`
 whose padding carries position -1; each row's first token comes from the chunk that holds its last prompt
-token; then greedy decode feeds one token per row per step at position + 1. A row stops at EOS or after
+token; then decode feeds one token per row per step at position + 1. A row stops at EOS or after
 `min(generation_len, ctx_len - prompt_len)` tokens (then it gets position -1: it touches nothing).
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pandas as pd
 import torch
 
 from qeff_lab.pipeline import HtmlRepr
+from qeff_lab.runtime.sampling import SamplingParams, TokenChooser
 
 
 class PromptTooLongError(ValueError):
@@ -44,16 +46,33 @@ class TorchKVRunner:
 
     backend = "pytorch"
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, prefill_seq_len: int, ctx_len: int):
+    def __init__(self, model: torch.nn.Module, batch_size: int, prefill_seq_len: int, ctx_len: int,
+                 full_batch_size: int | None = None):
         self.model, self.batch_size, self.prefill_seq_len, self.ctx_len = model, batch_size, prefill_seq_len, ctx_len
-        self.cache = model.new_kv_cache(batch_size, ctx_len)
+        self.full_batch_size = full_batch_size  # continuous batching: this many KV slots, steps name theirs
+        self.continuous_batching = full_batch_size is not None
+        if self.continuous_batching:
+            self.batch_size = full_batch_size
+        self.cache = model.new_kv_cache(full_batch_size or batch_size, ctx_len)
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
+        from qeff_lab.runtime.kv_session import check_batch_index
+
+        bi = None
+        if self.continuous_batching:
+            bi = torch.from_numpy(check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size))
+        elif batch_index is not None:
+            raise ValueError("batch_index was given but this runner has no continuous batching (full_batch_size).")
         with torch.no_grad():
-            logits, self.cache = self.model(torch.from_numpy(input_ids), torch.from_numpy(position_ids), self.cache)
+            logits, self.cache = self.model(torch.from_numpy(np.ascontiguousarray(input_ids, np.int64)),
+                                            torch.from_numpy(np.ascontiguousarray(position_ids, np.int64)),
+                                            self.cache, bi)
         return logits.numpy()
 
     def __repr__(self) -> str:
+        if self.continuous_batching:
+            return (f"<TorchKVRunner full_batch_size {self.full_batch_size}, prefill {self.prefill_seq_len}, "
+                    f"ctx {self.ctx_len}>")
         return f"<TorchKVRunner batch {self.batch_size}, prefill {self.prefill_seq_len}, ctx {self.ctx_len}>"
 
 
@@ -147,6 +166,28 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], ctx_len: int) -> None:
                 f"compile(ctx_len={1 << len(ids).bit_length()})) or shorten the prompt.")
 
 
+def request_limits(prompt_ids: Sequence[Sequence[int]], generation_len, ctx_len: int) -> list[int]:
+    """The number of new tokens each prompt may get: `generation_len` (one int or None for all, or one per
+    prompt), clamped to `ctx_len - prompt_len` with a warning (None: as many as the context allows)."""
+    n = len(prompt_ids)
+    wanted = list(generation_len) if isinstance(generation_len, (list, tuple)) else [generation_len] * n
+    if len(wanted) != n:
+        raise ValueError(f"generation_len has {len(wanted)} value(s) for {n} prompt(s): give one int (or None) for all, "
+                         "or one per prompt.")
+    for g in wanted:
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise ValueError(f"generation_len must be a positive int or None, got {g!r}")
+    room = [ctx_len - len(p) for p in prompt_ids]
+    limits = [r if g is None else min(g, r) for g, r in zip(wanted, room)]
+    clamped = [i for i, (g, r) in enumerate(zip(wanted, room)) if g is not None and g > r]
+    if clamped:
+        shown = generation_len if not isinstance(generation_len, (list, tuple)) else [wanted[i] for i in clamped]
+        warnings.warn(f"generation_len={shown} does not fit ctx_len={ctx_len} for prompt(s) {clamped}: clamped to "
+                      f"ctx_len - prompt_len ({[limits[i] for i in clamped]} tokens). Compile with a larger ctx_len "
+                      "for longer answers.", stacklevel=4)
+    return limits
+
+
 def generate_ids(
     runner: KVRunner,
     prompt_ids: Sequence[Sequence[int]],
@@ -155,8 +196,12 @@ def generate_ids(
     on_tokens: Callable[[int, list[int]], None] | None = None,
     pad_token_id: int = 0,
     progress: bool | None = None,
+    sampling: Sequence[SamplingParams] | None = None,
+    token_bitmasks=None,
 ) -> tuple[list[list[int]], list[str], GenerationMetrics]:
-    """Greedy generation of `prompt_ids` on `runner`, in batches of `runner.batch_size`.
+    """Generation of `prompt_ids` on `runner`, in batches of `runner.batch_size`: greedy, or per prompt as
+    `sampling` says (one SamplingParams per prompt; runtime.sampling), optionally restricted by
+    `token_bitmasks` ([vocab] bool for all prompts, or one per prompt: guided decoding).
 
     Returns (new ids per prompt, why each stopped, metrics). `generation_len=None` means as many as the
     context allows; a larger value is clamped per prompt to `ctx_len - prompt_len` with a warning.
@@ -166,15 +211,9 @@ def generate_ids(
     B, P, C = runner.batch_size, runner.prefill_seq_len, runner.ctx_len
     prompt_ids = [list(map(int, p)) for p in prompt_ids]
     check_prompts(prompt_ids, C)
-    if generation_len is not None and (not isinstance(generation_len, int) or generation_len < 1):
-        raise ValueError(f"generation_len must be a positive int or None, got {generation_len!r}")
     eos = set(eos_token_ids or [])
-    limits = [C - len(p) if generation_len is None else min(generation_len, C - len(p)) for p in prompt_ids]
-    clamped = [i for i, p in enumerate(prompt_ids) if generation_len is not None and generation_len > C - len(p)]
-    if clamped:
-        warnings.warn(f"generation_len={generation_len} does not fit ctx_len={C} for prompt(s) {clamped}: clamped to "
-                      f"ctx_len - prompt_len ({[limits[i] for i in clamped]} tokens). Compile with a larger ctx_len "
-                      "for longer answers.", stacklevel=3)
+    chooser = TokenChooser(prompt_ids, sampling, token_bitmasks)
+    limits = request_limits(prompt_ids, generation_len, C)
     metrics = GenerationMetrics(prompts=len(prompt_ids), backend=getattr(runner, "backend", type(runner).__name__),
                                 prompt_tokens=sum(map(len, prompt_ids)))
     outputs: list[list[int]] = []
@@ -206,7 +245,7 @@ def generate_ids(
             for r in range(len(rows)):
                 if (lengths[r] - 1) // P == c:
                     first_logits[r] = logits[r]
-        next_tok = first_logits.argmax(-1)
+        next_tok = chooser.choose(first_logits[:len(rows)], batch)
         t1 = time.perf_counter()
         if not metrics.ttft_s:
             metrics.ttft_s = t1 - t0
@@ -225,12 +264,12 @@ def generate_ids(
                 if not done[r]:
                     ids[r, 0] = new[r][-1]
                     pos[r, 0] = lengths[r] + len(new[r]) - 1
-            next_tok = runner.step(ids, pos)[:, -1].argmax(-1)
+            logits = runner.step(ids, pos)[:, -1]
+            active = [r for r in range(len(rows)) if not done[r]]
+            chosen = dict(zip(active, chooser.choose(logits[active], [batch[r] for r in active])))
             steps += 1
-            for r in range(len(rows)):
-                if done[r]:
-                    continue
-                new[r].append(int(next_tok[r]))
+            for r in active:
+                new[r].append(int(chosen[r]))
                 metrics.decode_tokens += 1
                 if on_tokens:
                     on_tokens(batch[r], new[r])

@@ -2,8 +2,8 @@
 ONNX Runtime's own buffers between steps (IO binding over OrtValues, never through numpy).
 
 Two sets of KV OrtValues alternate: step n reads set A as `past_*` and writes set B as `*_RetainedState`;
-step n + 1 reads B and writes A. Two IO bindings are prepared once, so a step only binds input_ids and
-position_ids and copies the logits out. This is what `-retained-state` does on the device.
+step n + 1 reads B and writes A. IO bindings are prepared once per (set, batch size), so a step only binds
+input_ids and position_ids (and batch_index) and copies the logits out. This is what `-retained-state` does on the device.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qeff_lab.contracts import RETAINED_SUFFIX
+from qeff_lab.contracts import BATCH_INDEX, RETAINED_SUFFIX
 from qeff_lab.runtime.session import OrtSession, ShapeNotCompiledError
 
 
@@ -27,12 +27,14 @@ class OrtKVSession:
         self.ort = OrtSession(onnx_path, specializations, threads)
         self.session = self.ort.session
         self.specializations = specializations
-        batches = {s["batch_size"] for s in specializations}
-        ctxs = {s["ctx_len"] for s in specializations}
-        if len(batches) != 1 or len(ctxs) != 1:
-            raise ValueError(f"Specializations must share batch_size and ctx_len, got {specializations}")
-        self.batch_size, self.ctx_len = batches.pop(), ctxs.pop()
+        self.batch_size, self.ctx_len, self.full_batch_size = kv_shapes(specializations)
+        self.continuous_batching = BATCH_INDEX in self.ort.input_names
+        if self.continuous_batching != (self.full_batch_size is not None):
+            raise ValueError(f"{onnx_path} {'takes' if self.continuous_batching else 'does not take'} batch_index but "
+                             f"the specializations {'do not name' if self.continuous_batching else 'name'} a "
+                             "full_batch_size: export and compile with the same continuous_batching setting.")
         self.prefill_seq_len = max(s["seq_len"] for s in specializations)
+        kv_rows = self.full_batch_size or self.batch_size
         self.kv_inputs = [n for n in self.ort.input_names if n.startswith("past_")]
         missing = [n + RETAINED_SUFFIX for n in self.kv_inputs if n + RETAINED_SUFFIX not in self.ort.output_names]
         if missing or "logits" not in self.ort.output_names:
@@ -45,33 +47,45 @@ class OrtKVSession:
             for name in self.kv_inputs:
                 _, heads, _, dim = shapes[name]
                 bufs[name] = ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros((self.batch_size, heads, self.ctx_len, dim), np.float32))
+                    np.zeros((kv_rows, heads, self.ctx_len, dim), np.float32))
             self._buffers.append(bufs)
-        self._bindings = []
-        for src, dst in ((0, 1), (1, 0)):
-            io = self.session.io_binding()
-            for name in self.kv_inputs:
-                io.bind_ortvalue_input(name, self._buffers[src][name])
-                io.bind_ortvalue_output(name + RETAINED_SUFFIX, self._buffers[dst][name])
-            io.bind_output("logits", "cpu")
-            self._bindings.append(io)
+        # One binding per (buffer set read, batch rows): ORT keeps the logits buffer it allocated for a binding, so
+        # with continuous batching (prefill batch 1, decode full_batch_size) each batch size gets its own.
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._logits_index = len(self.kv_inputs)  # outputs come back in the order they were bound
         self._current = 0  # which buffer set holds the cache now
         self.steps = 0
+
+    def _binding(self, src: int, rows: int):
+        io = self._bindings.get((src, rows))
+        if io is None:
+            io = self._bindings[(src, rows)] = self.session.io_binding()
+            for name in self.kv_inputs:
+                io.bind_ortvalue_input(name, self._buffers[src][name])
+                io.bind_ortvalue_output(name + RETAINED_SUFFIX, self._buffers[src ^ 1][name])
+            io.bind_output("logits", "cpu")
+        return io
 
     def kv_state(self) -> dict[str, np.ndarray]:
         """A numpy copy of the retained cache (for inspection and tests)."""
         return {name: v.numpy().copy() for name, v in self._buffers[self._current].items()}
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
+        """One call; `batch_index` [batch, 1] (the KV slot of each row) exactly when continuous batching."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         if input_ids.shape != position_ids.shape:
             raise ValueError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} differ in shape.")
-        self.ort.check_shapes({"input_ids": input_ids, "position_ids": position_ids})
-        io = self._bindings[self._current]
-        io.bind_cpu_input("input_ids", input_ids)
-        io.bind_cpu_input("position_ids", position_ids)
+        feeds = {"input_ids": input_ids, "position_ids": position_ids}
+        if self.continuous_batching:
+            feeds[BATCH_INDEX] = check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size)
+        elif batch_index is not None:
+            raise ValueError("batch_index was given but this graph has no continuous batching (export with "
+                             "continuous_batching=True).")
+        self.ort.check_shapes(feeds)
+        io = self._binding(self._current, input_ids.shape[0])
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
         self.session.run_with_iobinding(io)
         # A copy: the bound output buffer is reused by the step after next, which would change what a caller kept.
         logits = io.get_outputs()[self._logits_index].numpy().copy()
@@ -80,8 +94,35 @@ class OrtKVSession:
         return logits
 
     def __repr__(self) -> str:
+        if self.continuous_batching:
+            return (f"<OrtKVSession full_batch_size {self.full_batch_size}, prefill {self.prefill_seq_len}, ctx "
+                    f"{self.ctx_len}, {len(self.kv_inputs)} retained buffers>")
         return (f"<OrtKVSession batch {self.batch_size}, prefill {self.prefill_seq_len}, ctx {self.ctx_len}, "
                 f"{len(self.kv_inputs)} retained buffers>")
 
 
-__all__ = ["OrtKVSession", "ShapeNotCompiledError"]
+def kv_shapes(specializations: list[dict[str, int]]) -> tuple[int, int, int | None]:
+    """(batch_size, ctx_len, full_batch_size or None) of a decoder's specializations. Without continuous
+    batching every specialization has the same batch_size; with it, each names the same full_batch_size (the KV
+    slots) and batch_size is the decode batch (full_batch_size; prefill runs batch 1)."""
+    ctxs = {s["ctx_len"] for s in specializations}
+    fbs = {s.get("full_batch_size") for s in specializations}
+    batches = {s["batch_size"] for s in specializations}
+    if len(ctxs) != 1 or len(fbs) != 1 or (None in fbs and len(batches) != 1):
+        raise ValueError(f"Specializations must share ctx_len and batch_size (or full_batch_size), got {specializations}")
+    full = fbs.pop()
+    return (full if full is not None else batches.pop()), ctxs.pop(), full
+
+
+def check_batch_index(batch_index, rows: int, full_batch_size: int) -> np.ndarray:
+    """batch_index as the graph takes it ([rows, 1] int64, distinct slots in [0, full_batch_size)), or a clear error."""
+    if batch_index is None:
+        raise ValueError("This graph has continuous batching: each step needs batch_index [batch, 1], the KV slot of "
+                         "each row.")
+    bi = np.ascontiguousarray(batch_index, dtype=np.int64).reshape(-1, 1)
+    if bi.shape[0] != rows or bi.min() < 0 or bi.max() >= full_batch_size or len(set(bi[:, 0])) != rows:
+        raise ValueError(f"batch_index {bi[:, 0].tolist()} must name {rows} distinct slot(s) in [0, {full_batch_size}).")
+    return bi
+
+
+__all__ = ["OrtKVSession", "ShapeNotCompiledError", "check_batch_index", "kv_shapes"]

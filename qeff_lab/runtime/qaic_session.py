@@ -317,18 +317,21 @@ class QaicKVRunner:
     backend = "qaic"
 
     def __init__(self, session: QaicSession, specializations: list[dict[str, int]]):
-        batches = {s["batch_size"] for s in specializations}
-        ctxs = {s["ctx_len"] for s in specializations}
-        if len(batches) != 1 or len(ctxs) != 1:
-            raise ValueError(f"Specializations must share batch_size and ctx_len, got {specializations}")
+        from qeff_lab.runtime.kv_session import kv_shapes
+
         self.session = session
-        self.batch_size, self.ctx_len = batches.pop(), ctxs.pop()
+        self.batch_size, self.ctx_len, self.full_batch_size = kv_shapes(specializations)
+        self.continuous_batching = self.full_batch_size is not None
         self.prefill_seq_len = max(s["seq_len"] for s in specializations)
         self.steps = 0
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        out = self.session.run({"input_ids": np.asarray(input_ids, np.int64),
-                                "position_ids": np.asarray(position_ids, np.int64)})
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
+        from qeff_lab.runtime.kv_session import check_batch_index
+
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "position_ids": np.asarray(position_ids, np.int64)}
+        if self.continuous_batching:
+            feeds["batch_index"] = check_batch_index(batch_index, feeds["input_ids"].shape[0], self.full_batch_size)
+        out = self.session.run(feeds)
         self.steps += 1
         return np.asarray(out["logits"], np.float32)
 

@@ -1,8 +1,8 @@
 """Retained-state KV cache: the decoder blocks every family shares, and the swap transform that installs them.
 
-After the swap a causal LM is called as `model(input_ids, position_ids, past_key_values)` where
+After the swap a causal LM is called as `model(input_ids, position_ids, past_key_values[, batch_index])` where
 `past_key_values` is a list of per-layer `(key, value)` buffers of fixed shape `[batch, kv_heads, ctx_len,
-head_dim]`. It returns `(logits [batch, 1, vocab] fp32 at each row's last valid position, new_past)`.
+head_dim]` (with `batch_index`, continuous batching: `[full_batch_size, ...]`, row b using slot batch_index[b]). It returns `(logits [batch, 1, vocab] fp32 at each row's last valid position, new_past)`.
 
 - The write is `ctx_scatter` at `position_ids`; padding carries position -1 and writes nothing.
 - The read is `ctx_gather` of the whole context with every slot beyond the row's largest position marked
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from qeff_lab.ops import ctx_gather, ctx_scatter, rms_norm
+from qeff_lab.ops import ctx_gather, ctx_gather_cb, ctx_scatter, ctx_scatter_cb, rms_norm
 from qeff_lab.contracts import MASK_VALUE
 from qeff_lab.pipeline import Change, TransformResult
 from qeff_lab.transforms.base import swap_modules, swapped_by
@@ -59,15 +59,24 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
             torch.cat([k_rot * cos + rotate_half(k_rot) * sin, k_pass], dim=-1))
 
 
-def cached_attention(q, k, v, past_key, past_value, position_ids, masked, ctx_indices, scaling: float):
+def cached_attention(q, k, v, past_key, past_value, position_ids, masked, ctx_indices, scaling: float,
+                     batch_index=None):
     """Write k, v into the retained buffers, read the context back and attend. Returns (out [B,S,H*D], key, value).
+    With `batch_index` [B,1] (continuous batching) the buffers hold `full_batch_size` slots and row b uses slot
+    `batch_index[b]` (CtxScatterCB / CtxGatherCB).
 
     Grouped-query heads are handled by folding the query heads of one KV head into the sequence axis
     (no copy of the cache per query head)."""
-    key = ctx_scatter(past_key, position_ids, k)
-    value = ctx_scatter(past_value, position_ids, v)
-    keys = ctx_gather(key, ctx_indices)
-    values = ctx_gather(value, ctx_indices)
+    if batch_index is None:
+        key = ctx_scatter(past_key, position_ids, k)
+        value = ctx_scatter(past_value, position_ids, v)
+        keys = ctx_gather(key, ctx_indices)
+        values = ctx_gather(value, ctx_indices)
+    else:
+        key = ctx_scatter_cb(past_key, batch_index, position_ids, k)
+        value = ctx_scatter_cb(past_value, batch_index, position_ids, v)
+        keys = ctx_gather_cb(key, batch_index, ctx_indices)
+        values = ctx_gather_cb(value, batch_index, ctx_indices)
     b, s = q.shape[0], q.shape[2]
     heads, d, kv_heads = int(q.shape[1]), int(q.shape[3]), int(keys.shape[1])  # static sizes: graph constants
     rep = heads // kv_heads
@@ -133,12 +142,12 @@ class KVAttention:
     def project_out(self, attn_output: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attn_output)
 
-    def forward(self, hidden_states, rope, position_ids, masked, ctx_indices, past_key, past_value):
+    def forward(self, hidden_states, rope, position_ids, masked, ctx_indices, past_key, past_value, batch_index=None):
         q, k, v = self.project_qkv(hidden_states)
         if rope is not None:
             q, k = apply_rope(q, k, *rope)
         out, key, value = cached_attention(q, k, v, past_key, past_value, position_ids, masked, ctx_indices,
-                                           self.scaling)
+                                           self.scaling, batch_index)
         return self.project_out(out), key, value
 
 
@@ -147,9 +156,10 @@ class KVDecoderLayer:
 
     norm1_name, attn_name, norm2_name, mlp_name = "input_layernorm", "self_attn", "post_attention_layernorm", "mlp"
 
-    def forward(self, hidden_states, rope, position_ids, masked, ctx_indices, past_key, past_value):
+    def forward(self, hidden_states, rope, position_ids, masked, ctx_indices, past_key, past_value, batch_index=None):
         attn_out, key, value = getattr(self, self.attn_name)(
-            getattr(self, self.norm1_name)(hidden_states), rope, position_ids, masked, ctx_indices, past_key, past_value)
+            getattr(self, self.norm1_name)(hidden_states), rope, position_ids, masked, ctx_indices, past_key, past_value,
+            batch_index)
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + getattr(self, self.mlp_name)(getattr(self, self.norm2_name)(hidden_states))
         return hidden_states, key, value
@@ -163,7 +173,7 @@ class KVDecoderModel:
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids, position_ids, past_key_values):
+    def forward(self, input_ids, position_ids, past_key_values, batch_index=None):
         hidden = self.embed(input_ids, position_ids)
         rotary = getattr(self, self.rotary_name) if self.rotary_name else None
         rope = rotary(hidden, position_ids) if rotary is not None else None
@@ -174,19 +184,21 @@ class KVDecoderModel:
             masked = masked[:, :, None].expand(b, 1, rep, s, ctx).reshape(b, 1, rep * s, ctx)
         new_past = []
         for layer, (past_key, past_value) in zip(getattr(self, self.layers_name), past_key_values):
-            hidden, key, value = layer(hidden, rope, position_ids, masked, ctx_indices, past_key, past_value)
+            hidden, key, value = layer(hidden, rope, position_ids, masked, ctx_indices, past_key, past_value,
+                                       batch_index)
             new_past.append((key, value))
         return getattr(self, self.norm_name)(hidden), new_past
 
 
 class KVCausalLM:
-    """`model(input_ids, position_ids, past_key_values) -> (logits [B,1,V] fp32, new_past)`; logits only at
-    each row's last valid position (argmax of position_ids)."""
+    """`model(input_ids, position_ids, past_key_values, batch_index=None) -> (logits [B,1,V] fp32, new_past)`;
+    logits only at each row's last valid position (argmax of position_ids). With `batch_index` [B,1] the cache
+    has `full_batch_size` slots and row b reads and writes slot `batch_index[b]` (continuous batching)."""
 
     base_name, head_name = "model", "lm_head"
 
-    def forward(self, input_ids, position_ids, past_key_values):
-        hidden, new_past = getattr(self, self.base_name)(input_ids, position_ids, past_key_values)
+    def forward(self, input_ids, position_ids, past_key_values, batch_index=None):
+        hidden, new_past = getattr(self, self.base_name)(input_ids, position_ids, past_key_values, batch_index)
         last = position_ids.argmax(dim=1, keepdim=True)  # [B,1]
         hidden = torch.gather(hidden, 1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))
         hidden = hidden.reshape(-1, hidden.shape[-1])[:, None]  # a static 1 in the graph: logits [B, 1, vocab]

@@ -63,10 +63,10 @@ class TorchKVRunner:
             bi = torch.from_numpy(check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size))
         elif batch_index is not None:
             raise ValueError("batch_index was given but this runner has no continuous batching (full_batch_size).")
-        with torch.no_grad():
-            logits, self.cache = self.model(torch.from_numpy(np.ascontiguousarray(input_ids, np.int64)),
-                                            torch.from_numpy(np.ascontiguousarray(position_ids, np.int64)),
-                                            self.cache, bi)
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, np.int64))
+        pos = torch.from_numpy(np.ascontiguousarray(position_ids, np.int64))
+        with torch.no_grad():  # batch_index only for continuous batching: other models take three arguments
+            logits, self.cache = self.model(ids, pos, self.cache, bi) if bi is not None else self.model(ids, pos, self.cache)
         return logits.numpy()
 
     def __repr__(self) -> str:

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"setup-models": cmd_setup_models, "demo": cmd_demo, "embed": cmd_embed}
 # More commands live in their own modules; each has register(subparsers), which adds its parsers and
 # sets `func` on them with set_defaults(func=...).
-COMMAND_MODULES: list[str] = ["qeff_lab.commands.device", "qeff_lab.commands.infer"]
+COMMAND_MODULES: list[str] = ["qeff_lab.commands.device", "qeff_lab.commands.infer",
+                               "qeff_lab.commands.support_matrix"]
 
 
 def _causal_lm_demo() -> None:

@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.qeff_lab-installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test notebooks bench clean-cache
+.PHONY: setup demo test notebooks matrix bench clean-cache
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ NB ?= notebooks/*.ipynb
 notebooks: setup
 	for nb in $(NB); do echo "== $$nb"; env -u MPLBACKEND $(PY) -m nbconvert --to notebook --execute \
 		--inplace --ExecutePreprocessor.kernel_name=python3 --ExecutePreprocessor.timeout=600 "$$nb" || exit 1; done
+
+matrix: setup  # every decoder / encoder type of the installed transformers: HF vs transformed vs ORT (~8 min)
+	$(PY) -m qeff_lab.cli support-matrix --output docs/support_matrix.md
 
 bench: setup
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, RETAINED_SUFFIX
 from qeff_lab.runtime.session import ShapeNotCompiledError
-
-RETAINED_SUFFIX = "_RetainedState"
 
 
 class QaicRuntimeUnavailable(ImportError):
@@ -330,7 +329,7 @@ class QaicKVRunner:
 
         feeds = {"input_ids": np.asarray(input_ids, np.int64), "position_ids": np.asarray(position_ids, np.int64)}
         if self.continuous_batching:
-            feeds["batch_index"] = check_batch_index(batch_index, feeds["input_ids"].shape[0], self.full_batch_size)
+            feeds[BATCH_INDEX] = check_batch_index(batch_index, feeds[INPUT_IDS].shape[0], self.full_batch_size)
         out = self.session.run(feeds)
         self.steps += 1
         return np.asarray(out["logits"], np.float32)

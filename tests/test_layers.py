@@ -1,7 +1,6 @@
 """The package's layers (DESIGN: arrows only point down; nothing below views/ imports views/) and a light import."""
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -254,10 +254,6 @@ class QEFFBaseModel(HtmlRepr):
         rep = self.steps.get(Step.TRANSFORM)
         return [r.name for r in rep.details if r.modified] if rep else []
 
-    def precision_fix_key(self) -> list[str]:
-        """What the precision fixes changed, for export cache keys (a fixed graph is a different file)."""
-        return [f"SafeNorm:{path}" for path, m in self.model.named_modules() if getattr(type(m), "_qeff_safe_norm", False)]
-
     def artifact_key(self, spec: ExportSpec) -> dict:
         """Everything that shapes the exported file: kind, config, weights, transforms applied (and the source of
         the code they run), precision fixes, the kind's options."""

@@ -11,7 +11,7 @@ from qeff_lab import QEFFAutoModelForCausalLM
 from qeff_lab.models.base import UnsupportedModelError
 from qeff_lab.runtime.generation import GenerationResult, PromptTooLongError
 from qeff_lab.runtime.session import ShapeNotCompiledError
-from tests.conftest import MINILM, SMOLLM2
+from tests.conftest import SMOLLM2
 from tests.transforms.tiny_decoders import hf_greedy, prompts, tiny_model
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",

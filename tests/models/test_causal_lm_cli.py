@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from qeff_lab.cli import build_parser, main

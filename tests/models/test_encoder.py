@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from transformers import AutoModel, AutoTokenizer, GPT2Config, GPT2Model
+from transformers import AutoTokenizer, GPT2Config, GPT2Model
 
 from qeff_lab import QEFFAutoModel
 from qeff_lab.models.base import UnsupportedModelError

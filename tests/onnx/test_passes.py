@@ -1,6 +1,5 @@
 """ONNX passes: fp16 clipping reports each tensor; external data keeps weights out of the protobuf."""
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 

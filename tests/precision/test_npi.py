@@ -3,7 +3,6 @@ import copy
 
 import onnx
 import pytest
-import torch
 import yaml
 
 from qeff_lab.precision.findings import FIXES, Finding, Findings

@@ -1,10 +1,8 @@
 """The real case: SmolLM2-135M's residual stream reaches ~2.2e4, so an RMSNorm that squares in fp16
 overflows and greedy text turns to garbage. The lab must name those RMSNorms, and the safe-norm fix must
 bring the fp16 text back to the fp32 text."""
-import copy
 
 import pytest
-import torch
 
 from qeff_lab.accuracy.metrics import token_match_rate
 from qeff_lab.accuracy.runners import EmulatedRunner, HFCausalRunner

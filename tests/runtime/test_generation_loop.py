@@ -2,7 +2,6 @@
 padding that touches nothing, EOS per row, per-row length limits, and the PyTorch runner on the same schedule."""
 import numpy as np
 import pytest
-import torch
 
 from qeff_lab import QEFFAutoModelForCausalLM
 from qeff_lab.runtime.generation import TorchKVRunner, generate_ids

@@ -4,7 +4,7 @@ import torch
 
 from qeff_lab.models.base import UnsupportedModelError
 from qeff_lab.transforms.families import FAMILIES
-from qeff_lab.transforms.kv_cache import (KVAttention, KVCausalLM, SwapResult, UnsupportedConfigError,
+from qeff_lab.transforms.kv_cache import (KVAttention, KVCausalLM, UnsupportedConfigError,
                                           kv_cache_transform, kv_masks)
 from tests.transforms.tiny_decoders import CONFIGS, tiny_model
 

@@ -210,7 +210,8 @@ def test_static_report_opens_offline_with_tables_and_plots(tour_page, lab, brows
     page = context.new_page()
     page.on("request", lambda r: requested.append(r.url))
     page.goto(report.as_uri(), wait_until="load", timeout=30_000)
-    assert page.locator("table.qeff-steps tr").count() == 1 + 5  # header + load, transform, analyze, export, compile
+    # header + load, transform, analyze, export, compile, generate (generate records its step)
+    assert page.locator("table.qeff-steps tr").count() == 1 + 6
     # one row per root cause, each expandable to its places (SmolLM2: the RMSNorms that overflow inside)
     assert page.locator("table.qeff-findings tr").count() >= 2
     assert page.locator("table.qeff-findings-places tr").count() > 10
@@ -219,7 +220,7 @@ def test_static_report_opens_offline_with_tables_and_plots(tour_page, lab, brows
     assert images.count() >= 2  # time per step, the fp16 headroom heatmap
     widths = page.evaluate("() => Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
     assert widths and all(w > 100 for w in widths), widths  # every plot decoded (a broken image has width 0)
-    assert page.locator("section").count() == 5
+    assert page.locator("section").count() == 6
     assert "op counts before / after the ONNX passes" in page.inner_text("body")
     assert requested == [report.as_uri()], requested  # nothing but the file itself: no CDN, no fonts, no scripts
     page.screenshot(path=str(ARTIFACTS / "tour-report.png"), full_page=True)

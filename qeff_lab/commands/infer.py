@@ -11,7 +11,8 @@ SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 def register(subparsers) -> None:
     p = subparsers.add_parser("infer", help="generate text with a causal LM (KV cache retained between steps)")
     p.add_argument("--model", "--model-name", dest="model", default=SMOLLM2, help="hub card or local folder")
-    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line (blank lines skipped)")
     p.add_argument("--prompt-len", type=int, default=32, help="compiled prefill chunk length (seq_len)")
     p.add_argument("--ctx-len", type=int, default=128, help="compiled context length (KV cache size)")
     p.add_argument("--generation-len", type=int, default=None,
@@ -21,6 +22,14 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default=None, choices=["qaic", "onnxruntime"])
     p.add_argument("--mxfp6-matmul", action="store_true")
     p.add_argument("--mxint8-kv-cache", action="store_true")
+    p.add_argument("--full-batch-size", type=int, default=None,
+                   help="continuous batching: this many KV slots; requests share them, a finished one hands its slot "
+                        "to the next waiting prompt")
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy (HF's meanings below)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampled runs reproducible")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--json", action="store_true", help="print JSON (texts, ids, metrics) instead of a summary")
@@ -34,17 +43,31 @@ def _chat(tokenizer, prompts: list[str]) -> list[str]:
             for p in prompts]
 
 
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ValueError("no prompt: give --prompt TEXT (repeatable) or --prompts-file FILE (one prompt per line).")
+    return prompts
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from qeff_lab import QEFFAutoModelForCausalLM
 
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model)
+    args.prompt = _prompts(args)
+    cb = args.full_batch_size is not None
+    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, continuous_batching=cb)
     model.compile(prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
                   num_cores=args.num_cores, mxfp6_matmul=args.mxfp6_matmul, mxint8_kv_cache=args.mxint8_kv_cache,
-                  backend=args.backend)
+                  backend=args.backend, **({"full_batch_size": args.full_batch_size} if cb else {}))
     tokenizer = model.tokenizer
     prompts = _chat(tokenizer, args.prompt) if args.chat else args.prompt
     out = model.generate(tokenizer, prompts, generation_len=args.generation_len,
-                         stream=args.stream and not args.json, verbose=not args.json)
+                         stream=args.stream and not args.json, verbose=not args.json,
+                         do_sample=args.do_sample or None, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)
     if args.json:
         m = out.metrics
         json.dump({"model": args.model, "backend": m.backend, "prompts": args.prompt, "texts": out.texts,

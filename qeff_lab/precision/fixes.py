@@ -60,13 +60,18 @@ def _layer_forward(self, x):
     return layer_norm_op(x, self.weight, self.bias, self.eps)
 
 
+def _derived(cache: dict[type, type], cls: type, prefix: str, doc: str, **attrs) -> type:
+    """The fix's subclass of `cls` (made once, then reused): `prefix + cls name`, remembering the original."""
+    if cls not in cache:
+        cache[cls] = type(f"{prefix}{cls.__name__}", (cls,), {**attrs, "_qeff_original": cls,
+                                                              "__doc__": f"{cls.__name__} {doc}"})
+    return cache[cls]
+
+
 def _safe_class(cls: type, kind: str) -> type:
-    if cls not in _SAFE_CLASSES:
-        fwd = _layer_forward if kind == "layer" else _rms_forward
-        _SAFE_CLASSES[cls] = type(f"Safe{cls.__name__}", (cls,), {
-            "forward": fwd, "_qeff_safe_norm": True, "_qeff_norm_kind": kind, "_qeff_original": cls,
-            "__doc__": f"{cls.__name__} computed by qeff_lab.ops.safe_norm (cannot overflow in fp16)."})
-    return _SAFE_CLASSES[cls]
+    return _derived(_SAFE_CLASSES, cls, "Safe", "computed by qeff_lab.ops.safe_norm (cannot overflow in fp16).",
+                    forward=_layer_forward if kind == "layer" else _rms_forward, _qeff_safe_norm=True,
+                    _qeff_norm_kind=kind)
 
 
 def safe_norm_transform(model: nn.Module, only: Iterable[str] | None = None,
@@ -161,12 +166,8 @@ def safe_gelu_transform(model: nn.Module, only: Iterable[str] | None = None) -> 
     def choose(path, module):
         if not is_gelu_tanh(module):
             return None
-        old = type(module)
-        if old not in _SAFE_GELU:
-            _SAFE_GELU[old] = type(f"Safe{old.__name__}", (old,), {
-                "forward": _safe_gelu_forward, "_qeff_safe_gelu": True, "_qeff_original": old,
-                "__doc__": f"{old.__name__} with x clamped to ±{GELU_CLAMP} inside the tanh (fp16-safe x³)."})
-        return _SAFE_GELU[old], GELU_WHY
+        return _derived(_SAFE_GELU, type(module), "Safe", f"with x clamped to ±{GELU_CLAMP} inside the tanh "
+                        "(fp16-safe x³).", forward=_safe_gelu_forward, _qeff_safe_gelu=True), GELU_WHY
 
     def skip_note(path, module):
         return None if getattr(type(module), "_qeff_safe_gelu", False) else "not a tanh-GELU module"
@@ -214,13 +215,10 @@ def prescaled_attention_transform(model: nn.Module, only: Iterable[str] | None =
     def swap_child(path, child):
         if path not in targets:
             return None
-        old = type(child)
-        if old not in _PRESCALED:
-            _PRESCALED[old] = type(f"Prescaled{old.__name__}", (old,), {
-                "forward": _prescaled_forward, "_qeff_original": old, "_qeff_prescaled_q": True,
-                "__doc__": f"{old.__name__} whose output is multiplied by the attention scale."})
-        attention, name, scaling = targets[path]
-        return _PRESCALED[old], f"q · {scaling:.4g} before q·kᵀ; scaling 1.0. {PRESCALE_WHY}"
+        scaling = targets[path][2]
+        return (_derived(_PRESCALED, type(child), "Prescaled", "whose output is multiplied by the attention scale.",
+                         forward=_prescaled_forward, _qeff_prescaled_q=True),
+                f"q · {scaling:.4g} before q·kᵀ; scaling 1.0. {PRESCALE_WHY}")
 
     result = swap_modules(model, swap_child, "PrescaledAttention")
     for attention, name, scaling in targets.values():

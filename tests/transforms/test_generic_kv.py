@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 from qeff_lab.runtime.generation import TorchKVRunner, generate_ids
+from tests.transforms.tiny_decoders import hf_greedy as family_hf_greedy
 from qeff_lab.transforms.generic import (RetainedStateCausalLM, UnsupportedArchitectureError, check_support,
                                          generic_kv_transform, max_ctx_len, undo_generic_kv_transform)
 
@@ -68,14 +69,7 @@ def prompts(seed: int = 1) -> list[list[int]]:
 
 
 def hf_greedy(model, prompt_ids, new_tokens: int = NEW) -> list[list[int]]:
-    out = []
-    with torch.no_grad():
-        for p in prompt_ids:
-            ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-            out.append(ids[0, len(p):].tolist())
-    return out
+    return family_hf_greedy(model, prompt_ids, new_tokens)
 
 
 @pytest.mark.parametrize("model_type", list(CASES))

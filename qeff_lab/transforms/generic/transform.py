@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qeff_lab.pipeline import Change, TransformResult
+from qeff_lab.transforms.base import swap_modules, unswap_modules
 from qeff_lab.transforms.generic import interfaces
 from qeff_lab.transforms.generic.cache import ProbeCache, RetainedStateCache, UnsupportedArchitectureError
 from qeff_lab.transforms.generic.rope_tables import apply_rope_tables, remove_rope_tables
@@ -145,7 +146,7 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
     params = inspect.signature(type(model).forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     result = TransformResult(NAME)
-    undo = {"class": type(model), "attn": config._attn_implementation,
+    undo = {"attn": config._attn_implementation,
             "experts": getattr(config, "_experts_implementation", None)}
 
     old_attn = config._attn_implementation
@@ -174,12 +175,10 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
     model._qeff_head_hook = head is not None
     if head is not None:
         undo["hook"] = head.register_forward_pre_hook(_gather_last_hidden)
-    old_cls = type(model)
-    model.__class__ = _retained_class(old_cls)
-
-    result.changes.append(Change("<root>", old_cls.__name__, model.__class__.__name__,
-                                 "forward(input_ids, position_ids, past) -> (logits [B,1,V] fp32 at argmax(position_ids), "
-                                 "new past); builds a RetainedStateCache from the explicit buffers each call"))
+    why = ("forward(input_ids, position_ids, past) -> (logits [B,1,V] fp32 at argmax(position_ids), new past); "
+           "builds a RetainedStateCache from the explicit buffers each call")
+    swap = swap_modules(model, lambda path, m: (_retained_class(type(m)), why) if m is model else None, NAME)
+    result.changes.extend(swap.changes)
     kinds = sorted({interfaces.eager_for(m)[1].split(".")[-2] + ".eager_attention_forward"
                     if interfaces.eager_for(m)[1] != "generic" else "generic eager"
                     for m in model.modules() if type(m).__name__.endswith("Attention")})
@@ -219,7 +218,7 @@ def undo_generic_kv_transform(model: nn.Module) -> None:
     undo = getattr(model, "_qeff_generic_undo", None)
     if undo is None:
         return
-    model.__class__ = undo["class"]
+    unswap_modules(model, NAME, only=lambda path, m: m is model)
     model.set_attn_implementation(undo["attn"])
     if undo["experts"] is not None and model.config._experts_implementation != undo["experts"]:
         model.set_experts_implementation(undo["experts"])

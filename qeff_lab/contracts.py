@@ -17,6 +17,9 @@ INPUT_IDS = "input_ids"
 POSITION_IDS = "position_ids"
 ATTENTION_MASK = "attention_mask"
 BATCH_INDEX = "batch_index"  # continuous batching: [batch_size, 1], the KV slot (of full_batch_size) of each row
+# speculative-decoding target (QEfficient's TLM): [n, 1], only its first dimension is read: logits come back for n
+# positions ([batch, n, vocab], the last n of each row's valid positions), 1 in prefill, k + 1 when verifying k drafts
+NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
 LOGITS = "logits"
 RETAINED_SUFFIX = "_RetainedState"  # an output that the device keeps in place of the input of the same stem
 

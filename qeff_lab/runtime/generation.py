@@ -47,16 +47,20 @@ class TorchKVRunner:
     backend = "pytorch"
 
     def __init__(self, model: torch.nn.Module, batch_size: int, prefill_seq_len: int, ctx_len: int,
-                 full_batch_size: int | None = None):
+                 full_batch_size: int | None = None, num_speculative_tokens: int | None = None):
         self.model, self.batch_size, self.prefill_seq_len, self.ctx_len = model, batch_size, prefill_seq_len, ctx_len
+        self.num_speculative_tokens = num_speculative_tokens  # a speculative target: steps take num_logits_to_keep
         self.full_batch_size = full_batch_size  # continuous batching: this many KV slots, steps name theirs
         self.continuous_batching = full_batch_size is not None
         if self.continuous_batching:
             self.batch_size = full_batch_size
         self.cache = model.new_kv_cache(full_batch_size or batch_size, ctx_len)
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
-        from qeff_lab.runtime.kv_session import check_batch_index
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None,
+             num_logits_to_keep: int | None = None) -> np.ndarray:
+        from qeff_lab.runtime.kv_session import check_batch_index, logits_to_keep
+
+        keep = logits_to_keep(self.num_speculative_tokens, num_logits_to_keep)
 
         bi = None
         if self.continuous_batching:
@@ -65,8 +69,10 @@ class TorchKVRunner:
             raise ValueError("batch_index was given but this runner has no continuous batching (full_batch_size).")
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, np.int64))
         pos = torch.from_numpy(np.ascontiguousarray(position_ids, np.int64))
+        extra = {"num_logits_to_keep": torch.from_numpy(keep)} if keep is not None else {}
         with torch.no_grad():  # batch_index only for continuous batching: other models take three arguments
-            logits, self.cache = self.model(ids, pos, self.cache, bi) if bi is not None else self.model(ids, pos, self.cache)
+            logits, self.cache = (self.model(ids, pos, self.cache, bi) if bi is not None
+                                  else self.model(ids, pos, self.cache, **extra))
         return logits.numpy()
 
     def __repr__(self) -> str:

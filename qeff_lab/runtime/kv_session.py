@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qeff_lab.contracts import BATCH_INDEX, RETAINED_SUFFIX
+from qeff_lab.contracts import BATCH_INDEX, NUM_LOGITS_TO_KEEP, RETAINED_SUFFIX
 from qeff_lab.runtime.session import OrtSession, ShapeNotCompiledError
 
 
@@ -34,6 +34,9 @@ class OrtKVSession:
                              f"the specializations {'do not name' if self.continuous_batching else 'name'} a "
                              "full_batch_size: export and compile with the same continuous_batching setting.")
         self.prefill_seq_len = max(s["seq_len"] for s in specializations)
+        # a speculative-decoding target: Decode verifies num_speculative_tokens drafts (num_logits_to_keep = k + 1)
+        self.num_speculative_tokens = (max(s.get(NUM_LOGITS_TO_KEEP, 1) for s in specializations) - 1
+                                       if NUM_LOGITS_TO_KEEP in self.ort.input_names else None)
         kv_rows = self.full_batch_size or self.batch_size
         self.kv_inputs = [n for n in self.ort.input_names if n.startswith("past_")]
         missing = [n + RETAINED_SUFFIX for n in self.kv_inputs if n + RETAINED_SUFFIX not in self.ort.output_names]
@@ -51,15 +54,15 @@ class OrtKVSession:
             self._buffers.append(bufs)
         # One binding per (buffer set read, batch rows): ORT keeps the logits buffer it allocated for a binding, so
         # with continuous batching (prefill batch 1, decode full_batch_size) each batch size gets its own.
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._bindings: dict[tuple[int, int, int], ort.IOBinding] = {}  # (set read, rows, logits kept)
         self._logits_index = len(self.kv_inputs)  # outputs come back in the order they were bound
         self._current = 0  # which buffer set holds the cache now
         self.steps = 0
 
-    def _binding(self, src: int, rows: int):
-        io = self._bindings.get((src, rows))
+    def _binding(self, src: int, rows: int, keep: int = 1):
+        io = self._bindings.get((src, rows, keep))
         if io is None:
-            io = self._bindings[(src, rows)] = self.session.io_binding()
+            io = self._bindings[(src, rows, keep)] = self.session.io_binding()
             for name in self.kv_inputs:
                 io.bind_ortvalue_input(name, self._buffers[src][name])
                 io.bind_ortvalue_output(name + RETAINED_SUFFIX, self._buffers[src ^ 1][name])
@@ -70,8 +73,10 @@ class OrtKVSession:
         """A numpy copy of the retained cache (for inspection and tests)."""
         return {name: v.numpy().copy() for name, v in self._buffers[self._current].items()}
 
-    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
-        """One call; `batch_index` [batch, 1] (the KV slot of each row) exactly when continuous batching."""
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None,
+             num_logits_to_keep: int | None = None) -> np.ndarray:
+        """One call; `batch_index` [batch, 1] (the KV slot of each row) exactly when continuous batching;
+        `num_logits_to_keep` (a speculative target only; default 1): logits [batch, n, vocab] for the last n positions."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         if input_ids.shape != position_ids.shape:
@@ -82,8 +87,11 @@ class OrtKVSession:
         elif batch_index is not None:
             raise ValueError("batch_index was given but this graph has no continuous batching (export with "
                              "continuous_batching=True).")
+        keep = logits_to_keep(self.num_speculative_tokens, num_logits_to_keep)
+        if keep is not None:
+            feeds[NUM_LOGITS_TO_KEEP] = keep
         self.ort.check_shapes(feeds)
-        io = self._binding(self._current, input_ids.shape[0])
+        io = self._binding(self._current, input_ids.shape[0], 1 if keep is None else len(keep))
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
         self.session.run_with_iobinding(io)
@@ -114,6 +122,18 @@ def kv_shapes(specializations: list[dict[str, int]]) -> tuple[int, int, int | No
     return (full if full is not None else batches.pop()), ctxs.pop(), full
 
 
+def logits_to_keep(num_speculative_tokens: int | None, num_logits_to_keep: int | None) -> np.ndarray | None:
+    """The `num_logits_to_keep` feed ([n, 1], QEfficient's: only its shape is read) of a speculative target's step
+    (n defaults to 1), None for other graphs; a clear error when asked of a graph that has no such input."""
+    if num_speculative_tokens is None:
+        if num_logits_to_keep not in (None, 1):
+            raise ValueError(f"num_logits_to_keep={num_logits_to_keep} needs a speculative-decoding target (load with "
+                             "qaic_config={'speculative_model_type': 'target'}, compile with num_speculative_tokens=k).")
+        return None
+    n = 1 if num_logits_to_keep is None else num_logits_to_keep
+    return np.arange(n, dtype=np.int64).reshape(n, 1)
+
+
 def check_batch_index(batch_index, rows: int, full_batch_size: int) -> np.ndarray:
     """batch_index as the graph takes it ([rows, 1] int64, distinct slots in [0, full_batch_size)), or a clear error."""
     if batch_index is None:
@@ -125,4 +145,4 @@ def check_batch_index(batch_index, rows: int, full_batch_size: int) -> np.ndarra
     return bi
 
 
-__all__ = ["OrtKVSession", "ShapeNotCompiledError", "check_batch_index", "kv_shapes"]
+__all__ = ["OrtKVSession", "ShapeNotCompiledError", "check_batch_index", "kv_shapes", "logits_to_keep"]

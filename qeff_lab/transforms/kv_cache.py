@@ -43,6 +43,18 @@ def kv_masks(position_ids: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, to
     return masked, ctx_indices
 
 
+def kept_logit_indices(position_ids: torch.Tensor, num_logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, n] sequence indices whose logits the graph returns: each row's last valid one (argmax of position_ids,
+    n = 1), or, for a speculative-decoding target, the n = num_logits_to_keep.shape[0] indices ending there (from 0
+    when fewer precede it), as QEfficient's `filter_hidden_states`."""
+    last = position_ids.argmax(dim=1, keepdim=True)  # [B, 1]
+    if num_logits_to_keep is None:
+        return last
+    n = num_logits_to_keep.shape[0]
+    lower = torch.where(last < n, torch.zeros_like(last), last + 1 - n)
+    return lower + torch.arange(n, device=position_ids.device)[None]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = int(x.shape[-1]) // 2  # head sizes are static: a constant in the graph, not a Shape/Gather/Div chain
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -193,15 +205,17 @@ class KVDecoderModel:
 class KVCausalLM:
     """`model(input_ids, position_ids, past_key_values, batch_index=None) -> (logits [B,1,V] fp32, new_past)`;
     logits only at each row's last valid position (argmax of position_ids). With `batch_index` [B,1] the cache
-    has `full_batch_size` slots and row b reads and writes slot `batch_index[b]` (continuous batching)."""
+    has `full_batch_size` slots and row b reads and writes slot `batch_index[b]` (continuous batching). With
+    `num_logits_to_keep` [n, 1] (a speculative-decoding target) logits [B, n, V] (see kept_logit_indices)."""
 
     base_name, head_name = "model", "lm_head"
 
-    def forward(self, input_ids, position_ids, past_key_values, batch_index=None):
+    def forward(self, input_ids, position_ids, past_key_values, batch_index=None, num_logits_to_keep=None):
         hidden, new_past = getattr(self, self.base_name)(input_ids, position_ids, past_key_values, batch_index)
-        last = position_ids.argmax(dim=1, keepdim=True)  # [B,1]
-        hidden = torch.gather(hidden, 1, last[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        hidden = hidden.reshape(-1, hidden.shape[-1])[:, None]  # a static 1 in the graph: logits [B, 1, vocab]
+        index = kept_logit_indices(position_ids, num_logits_to_keep)  # [B, n]
+        hidden = torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        if num_logits_to_keep is None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])[:, None]  # a static 1 in the graph: logits [B, 1, vocab]
         logits = self.final_logits(getattr(self, self.head_name)(hidden))
         return logits.to(torch.float32), new_past
 

@@ -18,6 +18,7 @@ from qeff_lab.transforms.generic import interfaces
 from qeff_lab.transforms.generic.cache import ProbeCache, RetainedStateCache, UnsupportedArchitectureError
 from qeff_lab.transforms.generic.rope_tables import apply_rope_tables, remove_rope_tables
 from qeff_lab.transforms.generic.support import check_support
+from qeff_lab.transforms.kv_cache import kept_logit_indices
 
 NAME = "GenericRetainedStateKVCache"
 
@@ -28,9 +29,9 @@ class RetainedStateCausalLM:
     _qeff_layout: list[tuple[int, int]]
     _qeff_sliding: list[bool]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values, num_logits_to_keep=None):
         cache = RetainedStateCache(past_key_values, position_ids, self._qeff_sliding, self.config.model_type)
-        last = position_ids.argmax(dim=1, keepdim=True)  # [B, 1]: each row's last valid position
+        last = kept_logit_indices(position_ids, num_logits_to_keep)  # [B, 1] (each row's last valid position) or [B, n]
         head = self.get_output_embeddings() if self._qeff_head_hook else None
         if head is not None:
             head._qeff_last_index = last  # read by the pre-hook on the head: gather before the vocab projection
@@ -56,7 +57,7 @@ class RetainedStateCausalLM:
 
 
 def _gather_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S, X], index [B, 1] -> [B, 1, X] (torch.gather: the TorchScript exporter has no take_along_dim)."""
+    """hidden [B, S, X], index [B, n] -> [B, n, X] (torch.gather: the TorchScript exporter has no take_along_dim)."""
     return torch.gather(hidden, 1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
 
 

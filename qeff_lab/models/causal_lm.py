@@ -382,7 +382,6 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         `draft_model=` a compiled QEFFAutoModelForCausalLM with the same tokenizer (HF calls it `assistant_model`,
         QEfficient's examples a draft model) proposing `num_speculative_tokens` (QEfficient's; default k) per step.
         A target given neither decodes one token per step."""
-        runner = self.runner(runtime, device_ids)
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -396,8 +395,9 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         params = resolve_sampling(len(prompts), sampling, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                                   presence_penalty=presence_penalty, seed=seed)
-        drafter = self._drafter(runner, tokenizer, params, token_bitmasks, prompt_lookup_num_tokens,
-                                max_matching_ngram_size, draft_model, num_speculative_tokens, runtime, device_ids)
+        drafter = self._drafter(tokenizer, params, token_bitmasks, prompt_lookup_num_tokens, max_matching_ngram_size,
+                                draft_model, num_speculative_tokens, runtime, device_ids)
+        runner = self.runner(runtime, device_ids)
         prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
         cb = getattr(runner, "full_batch_size", None)
         streamer = _Streamer(tokenizer, prompts, len(prompts) if cb else runner.batch_size) if stream else None
@@ -417,7 +417,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             print(metrics.report())
         return result
 
-    def _drafter(self, runner, tokenizer, params, token_bitmasks, prompt_lookup_num_tokens, max_matching_ngram_size,
+    def _drafter(self, tokenizer, params, token_bitmasks, prompt_lookup_num_tokens, max_matching_ngram_size,
                  draft_model, num_speculative_tokens, runtime, device_ids) -> dict:
         """The speculative loop's options ({} for plain generation), or a clear error for what it cannot do."""
         from qeff_lab.runtime.speculative import DraftModelDrafter, PromptLookupDrafter
@@ -456,10 +456,10 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         if not isinstance(draft_model, QEFFAutoModelForCausalLM) or draft_model is self:
             raise TypeError(f"draft_model must be another QEFFAutoModelForCausalLM (compiled), got {draft_model!r}")
         self._check_same_vocabulary(draft_model, tokenizer)
+        if runtime == "compiled" and draft_model.compile_result is None:
+            raise ValueError("The draft model is not compiled: call draft_model.compile(prefill_seq_len, ctx_len) (ctx_len "
+                             "at least the target's) before generate.")
         draft_runner = draft_model.runner(runtime, None if runtime == "pytorch" else device_ids)
-        if draft_runner.ctx_len < runner.ctx_len:
-            raise ValueError(f"The draft model was compiled with ctx_len={draft_runner.ctx_len}, less than the target's "
-                             f"{runner.ctx_len}: compile it with ctx_len >= {runner.ctx_len}.")
         return {"drafter": DraftModelDrafter(draft_runner, getattr(tokenizer, "pad_token_id", None) or 0),
                 "num_speculative_tokens": num_speculative_tokens}
 
@@ -505,10 +505,10 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                           draft_model: QEFFAutoModelForCausalLM | None = None,
                           num_speculative_tokens: int | None = None) -> GenerationResult:
         """Token ids in, token ids out (no tokenizer): the loop parity tests drive (speculative options as generate)."""
-        runner = self.runner(runtime)
         params = resolve_sampling(len(prompt_ids), sampling)
-        drafter = self._drafter(runner, None, params, token_bitmasks, prompt_lookup_num_tokens, max_matching_ngram_size,
+        drafter = self._drafter(None, params, token_bitmasks, prompt_lookup_num_tokens, max_matching_ngram_size,
                                 draft_model, num_speculative_tokens, runtime, None)
+        runner = self.runner(runtime)
         ids, stopped, metrics = self._generate_ids(runner, prompt_ids, generation_len, eos_token_ids,
                                                    sampling=params, token_bitmasks=token_bitmasks, **drafter)
         return GenerationResult(ids, [list(p) for p in prompt_ids], metrics, None, None, stopped)

@@ -30,6 +30,13 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="makes sampled runs reproducible")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="K",
+                   help="speculative decoding by prompt lookup: K tokens proposed per step from an n-gram match in the "
+                        "prompt and text so far (no draft model); greedy, batch 1, same tokens as plain greedy")
+    p.add_argument("--draft-model", default=None, metavar="CARD",
+                   help="speculative decoding with this draft model (same tokenizer as --model)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="with --draft-model: tokens the draft proposes per target step (default 4)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--stream", action="store_true", help="print text as it is produced")
     p.add_argument("--json", action="store_true", help="print JSON (texts, ids, metrics) instead of a summary")
@@ -53,27 +60,63 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _speculative(args: argparse.Namespace) -> int | None:
+    """k, the tokens verified per target step, when speculative decoding was asked for (checked before loading)."""
+    if args.num_speculative_tokens is not None and args.draft_model is None:
+        raise ValueError("--num-speculative-tokens goes with --draft-model CARD (with --prompt-lookup K, K is the "
+                         "number of tokens proposed).")
+    if args.prompt_lookup is not None and args.draft_model is not None:
+        raise ValueError("give either --prompt-lookup K (no draft model) or --draft-model CARD, not both.")
+    k = args.prompt_lookup if args.draft_model is None else (args.num_speculative_tokens or 4)
+    if k is None:
+        return None
+    if k < 1:
+        raise ValueError(f"{'--prompt-lookup' if args.draft_model is None else '--num-speculative-tokens'} must be at "
+                         f"least 1 (tokens proposed per target step), got {k}.")
+    clash = [flag for flag, on in (("--full-batch-size", args.full_batch_size is not None),
+                                   ("--do-sample", args.do_sample), ("--batch-size", args.batch_size != 1)) if on]
+    if clash:
+        raise ValueError(f"speculative decoding (greedy, batch 1) does not combine with {', '.join(clash)}: leave "
+                         f"{'it' if len(clash) == 1 else 'them'} out, or drop --prompt-lookup / --draft-model.")
+    return k
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     from qeff_lab import QEFFAutoModelForCausalLM
 
     args.prompt = _prompts(args)
+    k = _speculative(args)
     cb = args.full_batch_size is not None
-    model = QEFFAutoModelForCausalLM.from_pretrained(args.model, continuous_batching=cb)
-    model.compile(prefill_seq_len=args.prompt_len, ctx_len=args.ctx_len, batch_size=args.batch_size,
-                  num_cores=args.num_cores, mxfp6_matmul=args.mxfp6_matmul, mxint8_kv_cache=args.mxint8_kv_cache,
-                  backend=args.backend, **({"full_batch_size": args.full_batch_size} if cb else {}))
+    model = QEFFAutoModelForCausalLM.from_pretrained(
+        args.model, continuous_batching=cb, **({"qaic_config": {"speculative_model_type": "target"}} if k else {}))
+    shapes = {"prefill_seq_len": args.prompt_len, "ctx_len": args.ctx_len, "num_cores": args.num_cores,
+              "mxfp6_matmul": args.mxfp6_matmul, "mxint8_kv_cache": args.mxint8_kv_cache, "backend": args.backend}
+    model.compile(batch_size=args.batch_size, **shapes, **({"full_batch_size": args.full_batch_size} if cb else {}),
+                  **({"num_speculative_tokens": k} if k else {}))
+    speculative = {}
+    if args.draft_model is not None:
+        draft = QEFFAutoModelForCausalLM.from_pretrained(args.draft_model)
+        draft.compile(**shapes)
+        speculative = {"draft_model": draft, "num_speculative_tokens": k}
+    elif k:
+        speculative = {"prompt_lookup_num_tokens": k}
     tokenizer = model.tokenizer
     prompts = _chat(tokenizer, args.prompt) if args.chat else args.prompt
     out = model.generate(tokenizer, prompts, generation_len=args.generation_len,
                          stream=args.stream and not args.json, verbose=not args.json,
                          do_sample=args.do_sample or None, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, seed=args.seed)
+                         top_p=args.top_p, seed=args.seed, **speculative)
     if args.json:
         m = out.metrics
+        metrics = {"ttft_s": m.ttft_s, "decode_tok_s": m.decode_tok_s, "total_tok_s": m.total_tok_s, "e2e_s": m.e2e_s,
+                   "generated_tokens": m.generated_tokens}
+        if k:
+            metrics.update(drafter=m.drafter, num_speculative_tokens=m.num_speculative_tokens,
+                           proposed_tokens=m.proposed_tokens, accepted_tokens=m.accepted_tokens,
+                           acceptance_rate=m.acceptance_rate, target_steps=m.target_steps,
+                           mean_tokens_per_step=m.mean_tokens_per_step)
         json.dump({"model": args.model, "backend": m.backend, "prompts": args.prompt, "texts": out.texts,
-                   "ids": out.ids, "metrics": {"ttft_s": m.ttft_s, "decode_tok_s": m.decode_tok_s,
-                                               "total_tok_s": m.total_tok_s, "e2e_s": m.e2e_s,
-                                               "generated_tokens": m.generated_tokens}}, sys.stdout)
+                   "ids": out.ids, "metrics": metrics}, sys.stdout)
         print()
         return 0
     if not args.stream:

@@ -96,6 +96,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     speculative = {}
     if args.draft_model is not None:
         draft = QEFFAutoModelForCausalLM.from_pretrained(args.draft_model)
+        model.check_draft_model(draft, model.tokenizer)  # before compiling it
         draft.compile(**shapes)
         speculative = {"draft_model": draft, "num_speculative_tokens": k}
     elif k:

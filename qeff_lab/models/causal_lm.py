@@ -453,9 +453,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                 raise ValueError("num_speculative_tokens goes with draft_model=...: give the draft model too (or "
                                  "prompt_lookup_num_tokens for prompt lookup).")
             return {"drafter": None}
-        if not isinstance(draft_model, QEFFAutoModelForCausalLM) or draft_model is self:
-            raise TypeError(f"draft_model must be another QEFFAutoModelForCausalLM (compiled), got {draft_model!r}")
-        self._check_same_vocabulary(draft_model, tokenizer)
+        self.check_draft_model(draft_model, tokenizer)
         if runtime == "compiled" and draft_model.compile_result is None:
             raise ValueError("The draft model is not compiled: call draft_model.compile(prefill_seq_len, ctx_len) (ctx_len "
                              "at least the target's) before generate.")
@@ -463,9 +461,12 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         return {"drafter": DraftModelDrafter(draft_runner, getattr(tokenizer, "pad_token_id", None) or 0),
                 "num_speculative_tokens": num_speculative_tokens}
 
-    def _check_same_vocabulary(self, draft_model: QEFFAutoModelForCausalLM, tokenizer) -> None:
-        """A draft proposes token ids the target must read the same way: same tokenizer vocabulary when both are
-        known (the draft's own tokenizer against the one given to generate), else the same vocab_size."""
+    def check_draft_model(self, draft_model: QEFFAutoModelForCausalLM, tokenizer=None) -> None:
+        """Raise a clear error unless `draft_model` can draft for this target (before compiling it): another
+        QEFFAutoModelForCausalLM whose token ids mean the same words, i.e. the same tokenizer vocabulary when both are
+        known (the draft's own tokenizer against `tokenizer`, the target's), else the same vocab_size."""
+        if not isinstance(draft_model, QEFFAutoModelForCausalLM) or draft_model is self:
+            raise TypeError(f"draft_model must be another QEFFAutoModelForCausalLM (compiled), got {draft_model!r}")
         draft_tokenizer = draft_model.tokenizer if draft_model.resolved.source != "in memory" else None
         if tokenizer is not None and draft_tokenizer is not None:
             target_vocab, draft_vocab = tokenizer.get_vocab(), draft_tokenizer.get_vocab()

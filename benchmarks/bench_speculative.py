@@ -97,7 +97,7 @@ def main() -> None:
              f"{'ratio':>6} {'accepted':>8} {'tok/step':>8}"
     print(header)
     for r in rows:
-        print(f"{r['task']:<10} {r['prompt_tokens']:>6} {r['new_tokens']:>4} {str(r['identical']):>5} "
+        print(f"{r['task']:<10} {r['prompt_tokens']:>6} {r['new_tokens']:>4} {r['identical']!s:>5} "
               f"{r['plain_decode_tok_s']:>11} {r['prompt_lookup_decode_tok_s']:>12} {r['ratio']:>6} "
               f"{r['acceptance_rate']:>8.1%} {r['tokens_per_target_step']:>8}")
     ratio = statistics.geometric_mean(r["ratio"] for r in rows)

@@ -486,7 +486,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
     def _generate_ids(runner, prompt_ids, generation_len, eos_token_ids, **options):
         """The loop for this runner: speculative for a target, continuous batching when it has full_batch_size
         slots, batches otherwise."""
-        if getattr(runner, "num_speculative_tokens", None):
+        if "drafter" in options:  # a speculative target (generate_speculative says so if the runner cannot verify)
             from qeff_lab.runtime.speculative import generate_speculative
 
             keep = ("on_tokens", "pad_token_id", "drafter", "num_speculative_tokens")

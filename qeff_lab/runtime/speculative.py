@@ -187,9 +187,9 @@ def generate_speculative(
     Returns (new ids per prompt, why each stopped, SpeculativeMetrics); the ids are plain greedy's."""
     k_compiled = getattr(runner, "num_speculative_tokens", None)
     if not k_compiled:
-        raise ValueError(f"{runner!r} is not a speculative-decoding target: load the model with qaic_config="
-                         "{'speculative_model_type': 'target'} and compile it with num_speculative_tokens=k "
-                         "(embedded ONNX Runtime backend or runtime='pytorch').")
+        raise ValueError(f"{runner!r} cannot verify draft tokens: speculative decoding needs a target (load the model "
+                         "with qaic_config={'speculative_model_type': 'target'}, compile with num_speculative_tokens=k) "
+                         "run by the embedded ONNX Runtime backend or runtime='pytorch' (not yet the qaic runtime).")
     k = k_compiled if num_speculative_tokens is None else num_speculative_tokens
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= k_compiled:
         raise ValueError(f"num_speculative_tokens={num_speculative_tokens!r}: the target verifies at most the "

@@ -65,8 +65,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         os.environ["QEFF_LAB_THREADS"] = str(args.threads)
+    import transformers
+
     from qeff_lab import QEFFAutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()  # no per-weight loading bars between the figures
     info = {**machine(), "threads": args.threads or os.cpu_count(), "load_before": load_average()}
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} ONNX Runtime threads; "
           f"load average before {info['load_before']}")

@@ -2,8 +2,9 @@
 ONNX Runtime's own buffers between steps (IO binding over OrtValues, never through numpy).
 
 Two sets of KV OrtValues alternate: step n reads set A as `past_*` and writes set B as `*_RetainedState`;
-step n + 1 reads B and writes A. IO bindings are prepared once per (set, batch size), so a step only binds
-input_ids and position_ids (and batch_index) and copies the logits out. This is what `-retained-state` does on the device.
+step n + 1 reads B and writes A. IO bindings are prepared once per (set, batch size, logits kept), so a step only
+binds input_ids and position_ids (and batch_index, or a speculative target's num_logits_to_keep) and copies the
+logits out. This is what `-retained-state` does on the device.
 """
 from __future__ import annotations
 

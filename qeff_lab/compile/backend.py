@@ -14,6 +14,7 @@ import onnx
 
 import qeff_lab
 from qeff_lab.compile.command import QPC_DIR, QPC_FILE, Plan, plan_compile
+from qeff_lab.compile.ort_rewrite import graph_choice_key, plan_ort_graph
 from qeff_lab.compile.options import OPTIONS, CompileOptionError, CompileOptions, validate_options
 from qeff_lab.compile.runner import CompileError, FailureContext, explain_failure, make_sink, run_streaming
 from qeff_lab.compile.sdk import ROOT_ENV, SdkInfo, detect_sdk
@@ -69,6 +70,12 @@ class CompileResult(HtmlRepr):
     @property
     def qconfig(self) -> dict:
         return json.loads((self.folder / QCONFIG).read_text())
+
+    @property
+    def ort_graph(self) -> dict | None:
+        """The embedded backend's own compile result: which graph it runs and why (qeff_lab.compile.ort_rewrite);
+        None for the qaic backend."""
+        return self.qconfig.get("ort_graph") if self.backend == "onnxruntime" and not self.dry_run else None
 
     def __repr__(self) -> str:
         what = "qaic dry run" if self.dry_run else self.backend
@@ -246,6 +253,9 @@ def compile_graph(
         "onnx_sha256": onnx_fingerprint(onnx_path),
         "sdk_version": sdk.version if compiles else None,
     }
+    runs_ort = used == "onnxruntime" and not opts.dry_run
+    if runs_ort:
+        key["ort_graph"] = graph_choice_key()
     kind = "dryrun" if opts.dry_run else used
     parent = Path(opts.compile_dir) if opts.compile_dir else cache_root() / "compile"
     folder = parent / f"{kind}-{fingerprint(key)}"
@@ -261,9 +271,11 @@ def compile_graph(
         (tmp / _PID_FILE).write_text(str(os.getpid()))
         for name, text in plan.files.items():
             (tmp / name).write_text(text)
-        (tmp / QCONFIG).write_text(json.dumps(_qconfig(
-            model_info, opts, used, reason, onnx_path, key, specializations, spec_names, custom_io, plan, sdk,
-            command), indent=2, default=str) + "\n")
+        qconfig = _qconfig(model_info, opts, used, reason, onnx_path, key, specializations, spec_names, custom_io,
+                           plan, sdk, command)
+        if runs_ort:  # the embedded backend's own compile result (the graph for the device is unchanged)
+            qconfig["ort_graph"] = plan_ort_graph(onnx_path, tmp, specializations).to_json()
+        (tmp / QCONFIG).write_text(json.dumps(qconfig, indent=2, default=str) + "\n")
         if compiles:
             _run_compiler(plan, onnx_path, tmp, folder, opts, sdk, ran)
         (tmp / _PID_FILE).unlink()

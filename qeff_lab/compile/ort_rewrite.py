@@ -34,6 +34,7 @@ REWRITE_VERSION = "gqa-1"  # part of the compile key: a change here makes a new 
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
+GRAPH_ENV = "QEFF_LAB_ORT_GRAPH"  # "exported": run the exported graph on ONNX Runtime as it is
 TOLERANCE = 1e-3  # max |logit diff| accepted between the rewrite and the exported graph (fp32: ~1e-5 seen)
 
 
@@ -248,6 +249,24 @@ def write_ort_graph(onnx_path: Path, folder: Path) -> OrtGraphPlan:
                                "(KV cache updated in place)", ORT_GRAPH, layers, before, len(model.graph.node))
 
 
+def plan_ort_graph(onnx_path: Path, folder: Path, specializations: list[dict[str, int]],
+                   threads: int | None = None) -> OrtGraphPlan:
+    """The embedded backend's compile step: which graph it runs and why; the rewritten graph (checked against the
+    exported one) is written into `folder` when it applies. QEFF_LAB_ORT_GRAPH=exported keeps the exported graph."""
+    if os.environ.get(GRAPH_ENV, "auto") == "exported":
+        return OrtGraphPlan("exported", f"exported graph kept: {GRAPH_ENV}=exported")
+    if not specializations or not all("ctx_len" in s and "seq_len" in s for s in specializations):
+        return OrtGraphPlan("exported", "exported graph kept: not a retained-KV decoder (no ctx_len/seq_len)")
+    plan = write_ort_graph(onnx_path, folder)
+    return verify(plan, onnx_path, folder, specializations[0]["ctx_len"],
+                  max(s["seq_len"] for s in specializations), threads)
+
+
+def graph_choice_key() -> str:
+    """What the compile folder's key records about this step (a different rewrite makes a different folder)."""
+    return "exported" if os.environ.get(GRAPH_ENV, "auto") == "exported" else REWRITE_VERSION
+
+
 def verify(plan: OrtGraphPlan, onnx_path: Path, folder: Path, ctx_len: int, prefill_seq_len: int,
            threads: int | None = None, decode_steps: int = 3) -> OrtGraphPlan:
     """Run the exported graph and the rewrite on ONNX Runtime with the same random prompt (a full prefill chunk
@@ -324,9 +343,9 @@ def _run_rewritten(graph: Path, weights_dir: Path, calls, ctx_len: int, threads)
         io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(pos[None]))
         io.bind_cpu_input(SEQLENS_K, np.array([pos[-1]], np.int32))
         sess.run_with_iobinding(io)
-        out.append(io.get_outputs()[len(cache)].numpy()[:, -1])
+        out.append(io.get_outputs()[len(cache)].numpy()[:, -1].copy())  # the bound buffer is reused
     return np.concatenate(out)
 
 
-__all__ = ["ORT_GRAPH", "OrtGraphPlan", "REWRITE_VERSION", "RewriteNotApplicable", "SEQLENS_K", "rewrite_gqa",
-           "verify", "write_ort_graph"]
+__all__ = ["GRAPH_ENV", "ORT_GRAPH", "OrtGraphPlan", "REWRITE_VERSION", "RewriteNotApplicable", "SEQLENS_K",
+           "graph_choice_key", "plan_ort_graph", "rewrite_gqa", "verify", "write_ort_graph"]

@@ -14,8 +14,8 @@ import onnx
 
 import qeff_lab
 from qeff_lab.compile.command import QPC_DIR, QPC_FILE, Plan, plan_compile
-from qeff_lab.compile.ort_rewrite import graph_choice_key, plan_ort_graph
 from qeff_lab.compile.options import OPTIONS, CompileOptionError, CompileOptions, validate_options
+from qeff_lab.compile.ort_rewrite import graph_choice_key, plan_ort_graph
 from qeff_lab.compile.runner import CompileError, FailureContext, explain_failure, make_sink, run_streaming
 from qeff_lab.compile.sdk import ROOT_ENV, SdkInfo, detect_sdk
 from qeff_lab.pipeline import HtmlRepr, build_artifact, cache_root, file_sha256, fingerprint

@@ -295,7 +295,7 @@ def _options(threads: int | None, weights_dir: Path | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", 0)) or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", "0")) or (os.cpu_count() or 1)
     opts.log_severity_level = 3
     if weights_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
@@ -347,5 +347,16 @@ def _run_rewritten(graph: Path, weights_dir: Path, calls, ctx_len: int, threads)
     return np.concatenate(out)
 
 
-__all__ = ["GRAPH_ENV", "ORT_GRAPH", "OrtGraphPlan", "REWRITE_VERSION", "RewriteNotApplicable", "SEQLENS_K",
-           "graph_choice_key", "plan_ort_graph", "rewrite_gqa", "verify", "write_ort_graph"]
+__all__ = [
+    "GRAPH_ENV",
+    "ORT_GRAPH",
+    "REWRITE_VERSION",
+    "SEQLENS_K",
+    "OrtGraphPlan",
+    "RewriteNotApplicable",
+    "graph_choice_key",
+    "plan_ort_graph",
+    "rewrite_gqa",
+    "verify",
+    "write_ort_graph",
+]

@@ -16,7 +16,7 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     """The embedded backend's ONNX Runtime options (one place for every session it opens)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", 0)) or (os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", "0")) or (os.cpu_count() or 1)
     opts.log_severity_level = 3
     return opts
 

@@ -15,7 +15,7 @@ import onnx
 import qeff_lab
 from qeff_lab.compile.command import QPC_DIR, QPC_FILE, Plan, plan_compile
 from qeff_lab.compile.options import OPTIONS, CompileOptionError, CompileOptions, validate_options
-from qeff_lab.compile.ort_rewrite import graph_choice_key, plan_ort_graph
+from qeff_lab.compile.ort_rewrite import graph_choice_key, ort_graph_summary, plan_ort_graph
 from qeff_lab.compile.runner import CompileError, FailureContext, explain_failure, make_sink, run_streaming
 from qeff_lab.compile.sdk import ROOT_ENV, SdkInfo, detect_sdk
 from qeff_lab.pipeline import HtmlRepr, build_artifact, cache_root, file_sha256, fingerprint
@@ -284,6 +284,8 @@ def compile_graph(
     if compiles and not _qpc_complete(folder):  # cannot happen unless the folder changed under us
         shutil.rmtree(folder, ignore_errors=True)
         raise CompileError(f"{folder} has no complete QPC after compiling; it was removed. Compile again.")
+    if runs_ort:  # which graph the embedded backend runs, also for a reused folder
+        reason = f"{reason}; {ort_graph_summary(json.loads((folder / QCONFIG).read_text()).get('ort_graph', {}))}"
     return CompileResult(folder, used, reason, specializations, command, reused, onnx_path, opts.dry_run,
                          spec_names, custom_io, opts, sdk, ran["seconds"])
 

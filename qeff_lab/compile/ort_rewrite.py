@@ -262,6 +262,14 @@ def plan_ort_graph(onnx_path: Path, folder: Path, specializations: list[dict[str
                   max(s["seq_len"] for s in specializations), threads)
 
 
+def ort_graph_summary(plan: dict) -> str:
+    """One line for the compile report: which graph the embedded backend runs and why."""
+    if plan.get("graph") == "gqa":
+        return (f"runs its GroupQueryAttention graph ({plan['layers']} layers, {plan['nodes_before']} -> "
+                f"{plan['nodes_after']} nodes; max |logit diff| vs the exported graph {plan['max_logit_diff']:.1e})")
+    return f"runs the exported graph ({plan.get('why', '').split(': ', 1)[-1]})"
+
+
 def graph_choice_key() -> str:
     """What the compile folder's key records about this step (a different rewrite makes a different folder)."""
     return "exported" if os.environ.get(GRAPH_ENV, "auto") == "exported" else REWRITE_VERSION

@@ -31,9 +31,11 @@ def test_tokens_equal_hf_greedy_and_the_report_says_which_graph_ran(family, grap
         ops = {n.op_type for n in graph_file.graph.node}
         assert "GroupQueryAttention" in ops and not ops & {"CtxScatter", "CtxGather"}
         assert type(model.runner()).__name__ == "OrtGqaKVSession"
+        assert "runs its GroupQueryAttention graph (2 layers" in model.compile_result.reason
     else:
         assert report["why"].startswith("exported graph kept:") and report["path"] is None
         assert type(model.runner()).__name__ == "OrtKVSession"
+        assert "runs the exported graph (layer 0:" in model.compile_result.reason
     out = model.generate_from_ids(prompt_ids, NEW)
     assert out.ids == reference
 

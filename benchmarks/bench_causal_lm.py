@@ -12,12 +12,14 @@ Each figure is measured until two consecutive medians agree within 5% (benchmark
 not; the machine line gives the CPU and the load average before and after.
 
 Run: .venv/bin/python benchmarks/bench_causal_lm.py [--tokens 64] [--threads N] [--batch 4] [--json out.json]
+     (--per-round/--max-rounds: samples per median and rounds before it says a figure is not stable)
 Optional peer: pip install onnxruntime-genai (its model builder runs offline on the local HF folder; the built
 model is cached under the qeff_lab artifact cache).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -153,6 +155,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ctx-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4, help="rows of the padded batch")
+    parser.add_argument("--per-round", type=int, default=3, help="samples per round (a median each)")
+    parser.add_argument("--max-rounds", type=int, default=5, help="rounds before giving up on stability")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     machine = Machine.start(args.threads)
@@ -187,29 +191,30 @@ def main() -> None:
 
     p = chats[0]
     figs = {}
+    stable = functools.partial(measure_until_stable, per_round=args.per_round, max_rounds=args.max_rounds)
 
     def rate(runner, prompts):
         return lambda: qeff_run(runner, prompts, args.tokens)[2].decode_tok_s
 
-    figs["decode_1_gqa"] = measure_until_stable(rate(one, [p]))
+    figs["decode_1_gqa"] = stable(rate(one, [p]))
     bar.update(1)
-    figs["decode_1_exported"] = measure_until_stable(rate(exported, [p]))
+    figs["decode_1_exported"] = stable(rate(exported, [p]))
     bar.update(1)
-    figs["decode_1_hf"] = measure_until_stable(lambda: hf_decode(hf, [p], args.tokens)[1])
+    figs["decode_1_hf"] = stable(lambda: hf_decode(hf, [p], args.tokens)[1])
     bar.update(1)
-    figs["decode_b_gqa"] = measure_until_stable(rate(batched, batch_prompts))
+    figs["decode_b_gqa"] = stable(rate(batched, batch_prompts))
     bar.update(1)
-    figs["decode_b_hf"] = measure_until_stable(lambda: hf_decode(hf, batch_prompts, args.tokens)[1])
+    figs["decode_b_hf"] = stable(lambda: hf_decode(hf, batch_prompts, args.tokens)[1])
     bar.update(1)
     for n, prompt in ttft_prompts.items():
-        figs[f"ttft_{n}_gqa"] = measure_until_stable(lambda prompt=prompt: qeff_run(one, [prompt], 1)[2].ttft_s)
-        figs[f"ttft_{n}_hf"] = measure_until_stable(lambda prompt=prompt: hf_decode(hf, [prompt], 1)[0])
+        figs[f"ttft_{n}_gqa"] = stable(lambda prompt=prompt: qeff_run(one, [prompt], 1)[2].ttft_s)
+        figs[f"ttft_{n}_hf"] = stable(lambda prompt=prompt: hf_decode(hf, [prompt], 1)[0])
     bar.update(1)
     peer = genai_peer(Path(model.resolved.path), args.threads)
     peer_same = None
     if peer is not None:
         peer.run(p, 2)
-        figs["decode_1_genai"] = measure_until_stable(lambda: peer.run(p, args.tokens)[1])
+        figs["decode_1_genai"] = stable(lambda: peer.run(p, args.tokens)[1])
         peer_same = peer.run(p, args.tokens)[2] == hf_tokens(hf, p, args.tokens)
     bar.update(1)
     bandwidth, bw_m = matvec_bandwidth(args.threads)

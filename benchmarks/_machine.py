@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 
 def cpu_model() -> str:
@@ -59,7 +59,7 @@ class Machine:
                 "load_after": self.load_after, "busy": self.busy}
 
     def __str__(self) -> str:
-        fmt = lambda la: "/".join(f"{x:.2f}" for x in la)  # noqa: E731
+        fmt = lambda la: "/".join(f"{x:.2f}" for x in la)
         after = fmt(self.load_after) if self.load_after else "?"
         warn = "  (busy: other processes competed, ratios are indicative)" if self.busy else ""
         return (f"machine: {self.cpu}, {self.cores} logical core(s), {self.threads} thread(s) used; "

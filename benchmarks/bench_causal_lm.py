@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import Machine, measure_until_stable  # noqa: E402
+from _machine import Machine, measure_until_stable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -81,7 +81,7 @@ def hf_decode(hf, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    kw = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kw = {"attention_mask": mask, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     with torch.no_grad():
         t1 = _timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
         tn = _timed(lambda: hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw))
@@ -230,7 +230,7 @@ def main() -> None:
     per_token = weight_bytes_per_token(hf)
     floor = bandwidth / per_token  # decode steps/s if a step only read the weights once
     v = {k: m.value for k, m in figs.items()}
-    ratio = lambda a, b: v[a] / v[b]  # noqa: E731
+    ratio = lambda a, b: v[a] / v[b]
     print(f"\nSmolLM2-135M fp32, {args.tokens} new tokens, ctx_len {args.ctx_len}, prefill_seq_len 128")
     print(machine)
     print(f"embedded backend graph: {graph['graph']} ({graph['why']}; max |logit diff| vs exported graph "

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import Machine, measure_until_stable  # noqa: E402
+from _machine import Machine, measure_until_stable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 
 def cpu_model() -> str:

@@ -1,27 +1,47 @@
-"""Causal LM speed: qeff_lab (compiled, embedded ONNX Runtime backend, KV cache retained between steps) vs HF
-`generate` (eager, fp32) on SmolLM2-135M-Instruct: same prompts, same process, same thread count.
+"""Causal LM speed, every figure a ratio measured in one run: qeff_lab's embedded ONNX Runtime backend (its own
+compile result: the GroupQueryAttention graph, and the exported graph for comparison) vs HF `generate` (eager,
+fp32) and, when installed, onnxruntime-genai's fp32 model of the same weights, on SmolLM2-135M-Instruct: same
+prompts, same process, same thread count. EOS is ignored everywhere, so every run decodes the same tokens.
 
-Reports decode tokens/s and time to first token for both, as ratios, and the decode rate as a fraction of the
-memory-bandwidth bound: (weight bytes read per token) against a matrix-vector bandwidth measured on this machine
-with the same threads. EOS is ignored on both sides so every run decodes the same number of tokens.
+- decode tokens/s, batch 1 and a padded batch (prompts of different lengths, right-padded on qeff_lab, left-padded
+  with an attention mask on HF), as ratios and as a fraction of the weight-read floor: (weight bytes one step
+  reads) against an fp32 matrix-vector product over 256 MiB on this machine with the same threads;
+- time to first token for a 16-token and a 128-token prompt (compiled with prefill_seq_len 128; the GQA graph
+  runs only a prompt's real tokens, so a short prompt does not pay for the padding).
+Each figure is measured until two consecutive medians agree within 5% (benchmarks/_machine.py), or says it could
+not; the machine line gives the CPU and the load average before and after.
 
-Run: .venv/bin/python benchmarks/bench_causal_lm.py [--tokens 64] [--repeats 3] [--threads N] [--json out.json]
+Run: .venv/bin/python benchmarks/bench_causal_lm.py [--tokens 64] [--threads N] [--batch 4] [--json out.json]
+     (--per-round/--max-rounds: samples per median and rounds before it says a figure is not stable)
+Optional peer: pip install onnxruntime-genai (its model builder runs offline on the local HF folder; the built
+model is cached under the qeff_lab artifact cache).
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
-import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import Machine, measure_until_stable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Why is the sky blue?",
              "Give me three tips for learning to code."]
+LONG_TEXT = ("The history of computing is a story of people who wanted to calculate faster and with fewer errors. "
+             "From the abacus to mechanical calculators, from punched cards to vacuum tubes, every generation of "
+             "machines took on work that had been done by hand. ") * 8
+GENAI_HINT = "pip install onnxruntime-genai  (then rerun: the fp32 model is built offline from the local HF folder)"
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -38,14 +58,14 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
-def matvec_bandwidth(threads: int, mib: int = 256, repeats: int = 7) -> float:
+def matvec_bandwidth(threads: int, mib: int = 256) -> float:
     """Bytes/s of an fp32 matrix-vector product over a `mib` MiB matrix (far larger than the caches)."""
     torch.set_num_threads(threads)
     n = int((mib * 2**20 / 4) ** 0.5)
     w, x = torch.randn(n, n), torch.randn(n)
     torch.mv(w, x)
-    best = min(_timed(lambda: torch.mv(w, x)) for _ in range(repeats))
-    return w.numel() * 4 / best
+    m = measure_until_stable(lambda: _timed(lambda: torch.mv(w, x)), per_round=5)
+    return w.numel() * 4 / m.value, m
 
 
 def _timed(fn) -> float:
@@ -54,47 +74,92 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def hf_rates(hf, prompt_ids: list[list[int]], tokens: int, repeats: int) -> tuple[float, float]:
-    """(median TTFT s, median decode tokens/s): generate(1) is the prefill; generate(N) - generate(1) decodes N-1."""
-    ttfts, rates = [], []
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+# ----------------------------------------------------------------------------- one sample of each side
+def hf_decode(hf, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
+    """(time to first token s, decode tokens/s over all rows): generate(1) is the prefill, generate(N) - generate(1)
+    decodes N - 1 tokens per row. Several prompts: left-padded batch with an attention mask."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kw = {"attention_mask": mask, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     with torch.no_grad():
-        for ids in prompt_ids:
-            x = torch.tensor([ids])
-            mask = torch.ones_like(x)
-            hf.generate(x, attention_mask=mask, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
-            for _ in range(repeats):
-                t1 = _timed(lambda: hf.generate(x, attention_mask=mask, max_new_tokens=1, min_new_tokens=1, **kw))
-                tn = _timed(lambda: hf.generate(x, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                                                **kw))
-                ttfts.append(t1)
-                rates.append((tokens - 1) / max(tn - t1, 1e-9))
-    return statistics.median(ttfts), statistics.median(rates)
+        t1 = _timed(lambda: hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
+        tn = _timed(lambda: hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kw))
+    return t1, len(prompts) * (tokens - 1) / max(tn - t1, 1e-9)
 
 
-def qeff_rates(model, prompt_ids: list[list[int]], tokens: int, repeats: int) -> tuple[float, float, list]:
+def hf_tokens(hf, prompt: list[int], tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def qeff_run(runner, prompts: list[list[int]], tokens: int):
     from qeff_lab.runtime.generation import generate_ids
 
-    runner = model.runner()
-    generate_ids(runner, prompt_ids[:1], 2)  # warm-up
-    ttfts, rates, outputs = [], [], []
-    for ids in prompt_ids:
-        for _ in range(repeats):
-            out, _, m = generate_ids(runner, [ids], tokens)  # eos_token_ids=None: exactly `tokens` tokens
-            ttfts.append(m.ttft_s)
-            rates.append(m.decode_tok_s)
-        outputs.append(out[0])
-    return statistics.median(ttfts), statistics.median(rates), outputs
+    return generate_ids(runner, prompts, tokens)  # eos_token_ids=None: exactly `tokens` tokens per prompt
 
 
+class GenaiPeer:
+    """onnxruntime-genai's fp32 CPU model of the same weights (built once, cached)."""
+
+    def __init__(self, hf_folder: Path, threads: int):
+        import onnxruntime_genai as og
+
+        from qeff_lab.pipeline import cache_root
+
+        key = hashlib.sha256(f"{hf_folder}:{og.__version__}".encode()).hexdigest()[:16]
+        out = cache_root() / "peers" / f"ort-genai-fp32-{key}"
+        if not (out / "genai_config.json").is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o",
+                            str(tmp), "-p", "fp32", "-e", "cpu", "-c", str(tmp / "_cache")], check=True,
+                           stdout=subprocess.DEVNULL)
+            tmp.rename(out)
+        config = json.loads((out / "genai_config.json").read_text())
+        config["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+        (out / "genai_config.json").write_text(json.dumps(config, indent=1))
+        self.og, self.model, self.version = og, og.Model(str(out)), og.__version__
+
+    def run(self, prompt: list[int], tokens: int) -> tuple[float, float, list[int]]:
+        """(time to first token s, decode tokens/s, tokens)."""
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(prompt) + tokens, min_length=len(prompt) + tokens, do_sample=False)
+        gen = og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens([prompt])
+        gen.generate_next_token()
+        out = [int(gen.get_next_tokens()[0])]
+        t1 = time.perf_counter()
+        while len(out) < tokens:
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        return t1 - t0, (tokens - 1) / (time.perf_counter() - t1), out
+
+
+def genai_peer(hf_folder: Path, threads: int):
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return None
+    return GenaiPeer(hf_folder, threads)
+
+
+# ----------------------------------------------------------------------------- the run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per prompt")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--ctx-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4, help="rows of the padded batch")
+    parser.add_argument("--per-round", type=int, default=3, help="samples per round (a median each)")
+    parser.add_argument("--max-rounds", type=int, default=5, help="rounds before giving up on stability")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
+    machine = Machine.start(args.threads)
 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
@@ -102,51 +167,111 @@ def main() -> None:
     os.environ["QEFF_LAB_THREADS"] = str(args.threads)  # ONNX Runtime intra-op threads
     torch.set_num_threads(args.threads)
     from qeff_lab import QEFFAutoModelForCausalLM
+    from qeff_lab.runtime.kv_session import OrtKVSession
 
-    steps = tqdm(total=5, desc="bench", unit="step")
+    bar = tqdm(total=9, desc="bench", unit="step")
     model = QEFFAutoModelForCausalLM.from_pretrained(MODEL)
-    model.compile(prefill_seq_len=32, ctx_len=args.ctx_len, batch_size=1)
-    steps.update(1)
     tok = model.tokenizer
-    prompt_ids = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                              add_generation_prompt=True))["input_ids"] for q in QUESTIONS]
+    chats = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                         add_generation_prompt=True))["input_ids"] for q in QUESTIONS]
+    long_ids = tok(LONG_TEXT)["input_ids"]
+    ttft_prompts = {16: long_ids[:16], 128: long_ids[:128]}
+    batch_prompts = (chats * args.batch)[:args.batch]
+    model.compile(prefill_seq_len=128, ctx_len=args.ctx_len, batch_size=1)
+    graph = model.compile_result.ort_graph
+    one = model.runner()
+    exported = OrtKVSession(model.compile_result.onnx_path, model.compile_result.specializations)
+    model.compile(prefill_seq_len=128, ctx_len=args.ctx_len, batch_size=args.batch)
+    batched = model.runner()
     hf = AutoModelForCausalLM.from_pretrained(model.resolved.path, dtype=torch.float32).eval()
-    steps.update(1)
-    q_ttft, q_rate, q_out = qeff_rates(model, prompt_ids, args.tokens, args.repeats)
-    steps.update(1)
-    h_ttft, h_rate = hf_rates(hf, prompt_ids, args.tokens, args.repeats)
-    steps.update(1)
-    bandwidth = matvec_bandwidth(args.threads)
-    steps.update(1)
-    steps.close()
+    bar.update(1)
+    for r in (one, exported, batched):
+        qeff_run(r, chats[:1], 2)  # warm-up
+    hf_decode(hf, chats[:1], 2)
 
-    with torch.no_grad():  # the compared runs produce the same tokens
-        same = all(hf.generate(torch.tensor([p]), max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() == o
-                   for p, o in zip(prompt_ids[:1], q_out[:1]))
+    p = chats[0]
+    figs = {}
+    stable = functools.partial(measure_until_stable, per_round=args.per_round, max_rounds=args.max_rounds)
+
+    def rate(runner, prompts):
+        return lambda: qeff_run(runner, prompts, args.tokens)[2].decode_tok_s
+
+    figs["decode_1_gqa"] = stable(rate(one, [p]))
+    bar.update(1)
+    figs["decode_1_exported"] = stable(rate(exported, [p]))
+    bar.update(1)
+    figs["decode_1_hf"] = stable(lambda: hf_decode(hf, [p], args.tokens)[1])
+    bar.update(1)
+    figs["decode_b_gqa"] = stable(rate(batched, batch_prompts))
+    bar.update(1)
+    figs["decode_b_hf"] = stable(lambda: hf_decode(hf, batch_prompts, args.tokens)[1])
+    bar.update(1)
+    for n, prompt in ttft_prompts.items():
+        figs[f"ttft_{n}_gqa"] = stable(lambda prompt=prompt: qeff_run(one, [prompt], 1)[2].ttft_s)
+        figs[f"ttft_{n}_hf"] = stable(lambda prompt=prompt: hf_decode(hf, [prompt], 1)[0])
+    bar.update(1)
+    peer = genai_peer(Path(model.resolved.path), args.threads)
+    peer_same = None
+    if peer is not None:
+        peer.run(p, 2)
+        figs["decode_1_genai"] = stable(lambda: peer.run(p, args.tokens)[1])
+        peer_same = peer.run(p, args.tokens)[2] == hf_tokens(hf, p, args.tokens)
+    bar.update(1)
+    bandwidth, bw_m = matvec_bandwidth(args.threads)
+    bar.update(1)
+    bar.close()
+
+    # the compared runs produce the same tokens (greedy, EOS ignored)
+    same_1 = qeff_run(one, [p], args.tokens)[0][0] == hf_tokens(hf, p, args.tokens)
+    batch_out = qeff_run(batched, batch_prompts, args.tokens)[0]
+    same_b = all(o == hf_tokens(hf, q, args.tokens) for o, q in zip(batch_out, batch_prompts))
+    machine.finish()
+
     per_token = weight_bytes_per_token(hf)
-    bound = bandwidth / per_token
-    figures = {
-        "model": MODEL, "threads": args.threads, "tokens": args.tokens, "ctx_len": args.ctx_len,
-        "prompts": len(prompt_ids), "prompt_tokens": [len(p) for p in prompt_ids], "load_average": os.getloadavg(),
-        "qeff_ttft_s": q_ttft, "hf_ttft_s": h_ttft, "ttft_speedup": h_ttft / q_ttft,
-        "qeff_decode_tok_s": q_rate, "hf_decode_tok_s": h_rate, "decode_ratio": q_rate / h_rate,
-        "weight_bytes_per_token": per_token, "matvec_bandwidth_GBps": bandwidth / 1e9,
-        "bandwidth_bound_tok_s": bound, "qeff_fraction_of_bound": q_rate / bound, "hf_fraction_of_bound": h_rate / bound,
-        "first_prompt_tokens_identical": same,
-    }
-    print(f"\nSmolLM2-135M, {args.threads} thread(s), {args.tokens} new tokens x {len(prompt_ids)} prompts, "
-          f"median of {args.repeats} (load average {figures['load_average'][0]:.1f})")
-    print(f"  time to first token  qeff_lab {q_ttft * 1000:7.1f} ms   HF {h_ttft * 1000:7.1f} ms   "
-          f"-> ratio {figures['ttft_speedup']:.2f}x (HF time / qeff_lab time; > 1 is faster)")
-    print(f"  decode               qeff_lab {q_rate:7.1f} tok/s  HF {h_rate:7.1f} tok/s  -> ratio {figures['decode_ratio']:.2f}x (goal >= 1.5x)")
-    print(f"  bandwidth bound      {per_token / 2**20:.0f} MiB of weights per token, mat-vec {bandwidth / 1e9:.1f} GB/s "
-          f"-> {bound:.1f} tok/s; qeff_lab at {figures['qeff_fraction_of_bound']:.0%}, HF at "
-          f"{figures['hf_fraction_of_bound']:.0%}")
-    print(f"  same tokens as HF (first prompt): {same}")
+    floor = bandwidth / per_token  # decode steps/s if a step only read the weights once
+    v = {k: m.value for k, m in figs.items()}
+    ratio = lambda a, b: v[a] / v[b]
+    print(f"\nSmolLM2-135M fp32, {args.tokens} new tokens, ctx_len {args.ctx_len}, prefill_seq_len 128")
+    print(machine)
+    print(f"embedded backend graph: {graph['graph']} ({graph['why']}; max |logit diff| vs exported graph "
+          f"{graph['max_logit_diff']})")
+    print(f"weight-read floor: {per_token / 2**20:.0f} MiB per step, mat-vec {bandwidth / 1e9:.1f} GB/s "
+          f"({bw_m.note}) -> {floor:.1f} steps/s")
+    rows = [("decode batch 1      qeff_lab (GQA graph)", "decode_1_gqa", "tok/s"),
+            ("decode batch 1      qeff_lab (exported graph)", "decode_1_exported", "tok/s"),
+            ("decode batch 1      HF eager", "decode_1_hf", "tok/s"),
+            (f"decode batch {args.batch} pad  qeff_lab (GQA graph)", "decode_b_gqa", "tok/s"),
+            (f"decode batch {args.batch} pad  HF eager", "decode_b_hf", "tok/s"),
+            *((f"TTFT {n:3d}-token     qeff_lab (GQA graph)", f"ttft_{n}_gqa", "ms") for n in ttft_prompts),
+            *((f"TTFT {n:3d}-token     HF eager", f"ttft_{n}_hf", "ms") for n in ttft_prompts),
+            *((("decode batch 1      onnxruntime-genai fp32", "decode_1_genai", "tok/s"),) if peer else ())]
+    for label, key, unit in rows:
+        val = v[key] * 1000 if unit == "ms" else v[key]
+        print(f"  {label:<46} {val:8.1f} {unit:<5}  [{figs[key].note}]")
+    print("ratios (same run):")
+    print(f"  decode batch 1: {ratio('decode_1_gqa', 'decode_1_hf'):.2f}x HF (goal >= 1.8x), "
+          f"{ratio('decode_1_gqa', 'decode_1_exported'):.2f}x the exported graph, "
+          f"{v['decode_1_gqa'] / floor:.0%} of the weight-read floor (goal >= 90%; HF at {v['decode_1_hf'] / floor:.0%})")
+    print(f"  decode batch {args.batch} padded: {ratio('decode_b_gqa', 'decode_b_hf'):.2f}x HF (goal >= 1.8x), "
+          f"{v['decode_b_gqa'] / args.batch / floor:.0%} of the weight-read floor in steps/s")
+    for n in ttft_prompts:
+        print(f"  time to first token, {n}-token prompt: {ratio(f'ttft_{n}_gqa', f'ttft_{n}_hf'):.2f}x HF's "
+              "time (goal <= 0.7x)")
+    if peer:
+        print(f"  decode batch 1: {ratio('decode_1_gqa', 'decode_1_genai'):.2f}x onnxruntime-genai {peer.version} "
+              f"(goal >= 1.5x); its tokens equal HF's: {peer_same}")
+    else:
+        print(f"  onnxruntime-genai peer skipped (not installed): {GENAI_HINT}")
+    print(f"same tokens as HF greedy: batch 1 {same_1}, padded batch {same_b} ({args.batch} rows)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+            json.dump({"model": MODEL, "machine": machine.to_json(), "graph": graph, "tokens": args.tokens,
+                       "ctx_len": args.ctx_len, "weight_bytes_per_step": per_token,
+                       "matvec_bandwidth_GBps": bandwidth / 1e9, "floor_steps_per_s": floor,
+                       "figures": {k: {"value": m.value, "medians": m.medians, "stable": m.stable}
+                                   for k, m in figs.items()},
+                       "same_tokens": {"batch_1": same_1, "padded_batch": same_b, "genai": peer_same}},
+                      f, indent=1, default=float)
 
 
 if __name__ == "__main__":

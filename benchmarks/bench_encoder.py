@@ -1,17 +1,25 @@
 """Encoder throughput: qeff_lab (compiled, embedded ONNX Runtime backend) vs sentence_transformers.encode.
 
-Same sentences, same process, same batch size (32), same thread count; reported as a ratio.
-Run: make bench   (or .venv/bin/python benchmarks/bench_encoder.py [--n 1024] [--repeats 3])
+Same sentences (a mix of lengths), same process, same batch size (32), same thread count; qeff_lab compiled with
+device-style seq_len buckets (each batch padded to the smallest bucket that fits). Reported as a ratio, each
+rate measured until two consecutive medians agree within 5% (benchmarks/_machine.py) or saying it could not,
+with the machine line (CPU, threads, load average before and after).
+Run: make bench   (or .venv/bin/python benchmarks/bench_encoder.py [--n 1024] [--per-round 3] [--max-rounds 5])
 """
 from __future__ import annotations
 
 import argparse
 import os
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import Machine, measure_until_stable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,21 +36,21 @@ def corpus(n: int, seed: int = 0) -> list[str]:
             for _ in range(n)]
 
 
-def best_rate(fn, n: int, repeats: int) -> float:
-    fn()  # warm-up (session creation, allocator)
-    times = []
-    for _ in range(repeats):
+def rate(fn, n: int):
+    """One sample: sentences/s of one call of fn over the n sentences."""
+    def sample() -> float:
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return n / min(times)
+        return n / (time.perf_counter() - t)
+    return sample
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-round", type=int, default=3, help="samples per round (a median each)")
+    parser.add_argument("--max-rounds", type=int, default=5, help="rounds before giving up on stability")
     args = parser.parse_args()
 
     from sentence_transformers import SentenceTransformer
@@ -51,6 +59,7 @@ def main() -> None:
     from qeff_lab.loading import resolve
 
     threads = torch.get_num_threads()
+    machine = Machine.start(threads)
     os.environ["QEFF_LAB_THREADS"] = str(threads)
     texts = corpus(args.n)
     st = SentenceTransformer(str(resolve(MODEL).path), device="cpu")
@@ -61,13 +70,19 @@ def main() -> None:
     ref = st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)
     cos = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
 
-    st_rate = best_rate(lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True), args.n, args.repeats)
-    q_rate = best_rate(lambda: model.embed(texts), args.n, args.repeats)
-    print(f"sentences: {args.n}, batch {args.batch_size}, threads {threads}, backend {model.compile_result.backend}")
+    def stable(fn):
+        return measure_until_stable(rate(fn, args.n), per_round=args.per_round, max_rounds=args.max_rounds)
+
+    st_rate = stable(lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True))
+    q_rate = stable(lambda: model.embed(texts))
+    machine.finish()
+    print(machine)
+    print(f"sentences: {args.n}, batch {args.batch_size}, threads {threads}, backend {model.compile_result.backend}, "
+          f"seq_len buckets {model.seq_lens}")
     print(f"min cosine vs sentence-transformers: {cos.min():.6f}")
-    print(f"sentence-transformers.encode: {st_rate:8.1f} sentences/s")
-    print(f"qeff_lab (compiled):          {q_rate:8.1f} sentences/s")
-    print(f"ratio qeff_lab / sentence-transformers: {q_rate / st_rate:.2f}x")
+    print(f"sentence-transformers.encode: {st_rate.value:8.1f} sentences/s  [{st_rate.note}]")
+    print(f"qeff_lab (compiled):          {q_rate.value:8.1f} sentences/s  [{q_rate.note}]")
+    print(f"ratio qeff_lab / sentence-transformers: {q_rate.value / st_rate.value:.2f}x (goal >= 1.2x)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import onnx
 import qeff_lab
 from qeff_lab.compile.command import QPC_DIR, QPC_FILE, Plan, plan_compile
 from qeff_lab.compile.options import OPTIONS, CompileOptionError, CompileOptions, validate_options
+from qeff_lab.compile.ort_rewrite import graph_choice_key, ort_graph_summary, plan_ort_graph
 from qeff_lab.compile.runner import CompileError, FailureContext, explain_failure, make_sink, run_streaming
 from qeff_lab.compile.sdk import ROOT_ENV, SdkInfo, detect_sdk
 from qeff_lab.pipeline import HtmlRepr, build_artifact, cache_root, file_sha256, fingerprint
@@ -69,6 +70,12 @@ class CompileResult(HtmlRepr):
     @property
     def qconfig(self) -> dict:
         return json.loads((self.folder / QCONFIG).read_text())
+
+    @property
+    def ort_graph(self) -> dict | None:
+        """The embedded backend's own compile result: which graph it runs and why (qeff_lab.compile.ort_rewrite);
+        None for the qaic backend."""
+        return self.qconfig.get("ort_graph") if self.backend == "onnxruntime" and not self.dry_run else None
 
     def __repr__(self) -> str:
         what = "qaic dry run" if self.dry_run else self.backend
@@ -246,6 +253,9 @@ def compile_graph(
         "onnx_sha256": onnx_fingerprint(onnx_path),
         "sdk_version": sdk.version if compiles else None,
     }
+    runs_ort = used == "onnxruntime" and not opts.dry_run
+    if runs_ort:
+        key["ort_graph"] = graph_choice_key()
     kind = "dryrun" if opts.dry_run else used
     parent = Path(opts.compile_dir) if opts.compile_dir else cache_root() / "compile"
     folder = parent / f"{kind}-{fingerprint(key)}"
@@ -261,9 +271,11 @@ def compile_graph(
         (tmp / _PID_FILE).write_text(str(os.getpid()))
         for name, text in plan.files.items():
             (tmp / name).write_text(text)
-        (tmp / QCONFIG).write_text(json.dumps(_qconfig(
-            model_info, opts, used, reason, onnx_path, key, specializations, spec_names, custom_io, plan, sdk,
-            command), indent=2, default=str) + "\n")
+        qconfig = _qconfig(model_info, opts, used, reason, onnx_path, key, specializations, spec_names, custom_io,
+                           plan, sdk, command)
+        if runs_ort:  # the embedded backend's own compile result (the graph for the device is unchanged)
+            qconfig["ort_graph"] = plan_ort_graph(onnx_path, tmp, specializations).to_json()
+        (tmp / QCONFIG).write_text(json.dumps(qconfig, indent=2, default=str) + "\n")
         if compiles:
             _run_compiler(plan, onnx_path, tmp, folder, opts, sdk, ran)
         (tmp / _PID_FILE).unlink()
@@ -272,6 +284,8 @@ def compile_graph(
     if compiles and not _qpc_complete(folder):  # cannot happen unless the folder changed under us
         shutil.rmtree(folder, ignore_errors=True)
         raise CompileError(f"{folder} has no complete QPC after compiling; it was removed. Compile again.")
+    if runs_ort:  # which graph the embedded backend runs, also for a reused folder
+        reason = f"{reason}; {ort_graph_summary(json.loads((folder / QCONFIG).read_text()).get('ort_graph', {}))}"
     return CompileResult(folder, used, reason, specializations, command, reused, onnx_path, opts.dry_run,
                          spec_names, custom_io, opts, sdk, ran["seconds"])
 

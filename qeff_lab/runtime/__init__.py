@@ -34,6 +34,12 @@ def open_kv_runner(compile_result, *, device_ids: list[int] | None = None, threa
     if compile_result.backend == "onnxruntime" and not getattr(compile_result, "dry_run", False):
         if device_ids is not None:
             open_session(compile_result, device_ids=device_ids)  # raises the explanation
+        graph = getattr(compile_result, "ort_graph", None) or {}
+        if graph.get("graph") == "gqa":  # the embedded backend's rewrite (qeff_lab.compile.ort_rewrite)
+            from qeff_lab.runtime.ort_gqa_session import OrtGqaKVSession
+
+            return OrtGqaKVSession(compile_result.folder / graph["path"], compile_result.specializations,
+                                   threads=threads, weights_dir=compile_result.onnx_path.parent)
         from qeff_lab.runtime.kv_session import OrtKVSession
 
         return OrtKVSession(compile_result.onnx_path, compile_result.specializations, threads=threads)

@@ -12,6 +12,15 @@ class ShapeNotCompiledError(ValueError):
     """An input whose shape matches none of the compiled specializations."""
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """The embedded backend's ONNX Runtime options (one place for every session it opens)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", "0")) or (os.cpu_count() or 1)
+    opts.log_severity_level = 3
+    return opts
+
+
 class OrtSession:
     """ONNX Runtime over the exported graph, accepting only the compiled shapes (as a device would).
 
@@ -21,12 +30,15 @@ class OrtSession:
     backend = "onnxruntime"
     keeps_retained_state = False  # the caller feeds X_RetainedState outputs back as X inputs (QaicSession: True)
 
-    def __init__(self, onnx_path: Path, allowed: list[dict[str, int]] | None = None, threads: int | None = None):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", 0)) or (os.cpu_count() or 1)
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    def __init__(self, onnx_path: Path, allowed: list[dict[str, int]] | None = None, threads: int | None = None,
+                 external_data_dir: Path | None = None):
+        opts = session_options(threads)
+        if external_data_dir is not None:  # a graph whose weights live in another folder (the export's)
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(external_data_dir))
+            self.session = ort.InferenceSession(Path(onnx_path).read_bytes(), opts, providers=["CPUExecutionProvider"])
+        else:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         self.allowed = allowed or []
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

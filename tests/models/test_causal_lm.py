@@ -42,6 +42,7 @@ def test_smollm2_onnxruntime_tokens_equal_hf_generate(smol):
     assert any(len(p) > 32 for p in prompt_ids) and any(len(p) <= 32 for p in prompt_ids)  # chunked prefill too
     out = model.generate_from_ids(prompt_ids, NEW)  # EOS ignored on both sides: 5 x 32 tokens compared
     assert out.metrics.backend == "onnxruntime"
+    assert model.compile_result.ort_graph["graph"] == "gqa"  # the embedded backend's own GroupQueryAttention graph
     for i, (got, want) in enumerate(zip(out.ids, reference)):
         assert got == want, f"prompt {i}: first difference at token {next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)}"
 

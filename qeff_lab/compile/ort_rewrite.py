@@ -1,0 +1,373 @@
+"""The embedded backend's own compile result for retained-KV decoders: each layer's attention block (CtxScatter,
+CtxGather, mask, softmax, matmuls) replaced by one `com.microsoft.GroupQueryAttention` that updates the KV
+cache in place.
+
+The graph that goes to the device is not touched; this graph is written next to the compile artifacts and only
+ONNX Runtime runs it (`qeff_lab.runtime.ort_gqa_session`). What changes at its interface:
+- one more input, `seqlens_k` [batch] int32: per row, the slot of the last token of this call (its position). The
+  runner derives it from position_ids; GQA writes the call's K/V at slots seqlens_k - seq_len + 1 .. seqlens_k
+  and attends to slots 0 .. seqlens_k. The model's own rotary embedding is kept (do_rotary=0), so any rope
+  variant the exporter produced stays exact.
+- past_key.i / past_key.i_RetainedState must be bound to the same buffer (GQA's shared-buffer mode), so nothing
+  copies the cache between steps.
+GQA needs contiguous positions per row (no -1 padding inside a call) and ORT's CPU kernel takes batch > 1 only
+with seq_len 1; the runner splits padded prefill per row and sends finished rows to a spare slot.
+
+A graph the pattern does not match (continuous batching, no CtxScatter/CtxGather attention, a different score
+chain) is left as exported: `plan_ort_graph` says which graph runs and why. The rewrite is then checked against
+the exported graph on ONNX Runtime (`verify`), and falls back to the exported graph if the logits differ.
+"""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, POSITION_IDS, RETAINED_SUFFIX
+
+REWRITE_VERSION = "gqa-1"  # part of the compile key: a change here makes a new compile folder
+ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
+SEQLENS_K = "seqlens_k"
+MS_DOMAIN = "com.microsoft"
+GRAPH_ENV = "QEFF_LAB_ORT_GRAPH"  # "exported": run the exported graph on ONNX Runtime as it is
+TOLERANCE = 1e-3  # max |logit diff| accepted between the rewrite and the exported graph (fp32: ~1e-5 seen)
+
+
+class RewriteNotApplicable(ValueError):
+    """The exported graph does not have the attention pattern the rewrite replaces."""
+
+
+@dataclass
+class OrtGraphPlan:
+    """Which graph the embedded backend runs, and why (stored in qconfig.json as `ort_graph`)."""
+
+    graph: str  # "gqa" (the rewritten graph) or "exported"
+    why: str
+    path: str | None = None  # compile-folder file name of the rewritten graph
+    layers: int = 0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    max_logit_diff: float | None = None
+    version: str = REWRITE_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- the rewrite
+def _producers(graph) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def _consumers(graph) -> dict[str, list[onnx.NodeProto]]:
+    out = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            out[i].append(n)
+    return out
+
+
+def _scalar(graph, name: str, producers) -> float | None:
+    """The value of a scalar constant (Constant node or initializer), else None."""
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for a in node.attribute:
+            if a.name == "value":
+                arr = numpy_helper.to_array(a.t)
+                return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+        return None
+    for init in graph.initializer:
+        if init.name == name and init.data_location != TensorProto.EXTERNAL:
+            arr = numpy_helper.to_array(init)
+            return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+    return None
+
+
+def _only_consumer(consumers, name: str, op_type: str) -> onnx.NodeProto:
+    users = consumers.get(name, [])
+    if len(users) != 1 or users[0].op_type != op_type:
+        raise RewriteNotApplicable(f"{name} feeds {[u.op_type for u in users]}, expected one {op_type}")
+    return users[0]
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def rewrite_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """The model with every layer's attention replaced by GroupQueryAttention (in place; returned with the number
+    of layers rewritten). Raises RewriteNotApplicable when the graph is not the pattern this replaces."""
+    g = model.graph
+    inputs = {i.name: i for i in g.input}
+    if BATCH_INDEX in inputs:
+        raise RewriteNotApplicable("continuous batching (batch_index selects KV rows; GQA's cache rows are the batch)")
+    pasts = [n for n in inputs if n.startswith("past_key.")]
+    if not pasts:
+        raise RewriteNotApplicable("no past_key.* inputs (not a retained-KV decoder)")
+    producers, consumers = _producers(g), _consumers(g)
+    weights = {i.name: list(i.dims) for i in g.initializer}
+    drop: set[int] = set()  # ids of nodes to remove
+    new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []  # (insert before this node, nodes)
+
+    def to_bsh(src: str, tag: str) -> tuple[str, list]:
+        """[B, N, S, D] -> [B, S, N*D]."""
+        t, r = f"{tag}/bsnd", f"{tag}/bsh"
+        return r, [helper.make_node("Transpose", [src], [t], perm=[0, 2, 1, 3], name=t),
+                   helper.make_node("Reshape", [t, "gqa/shape_bs_1"], [r], name=r)]
+
+    for past_key in sorted(pasts, key=lambda n: int(n.split(".")[-1])):
+        layer = past_key.split(".", 1)[1]
+        past_value = f"past_value.{layer}"
+        scatters = {}
+        for name in (past_key, past_value):
+            users = [u for u in consumers.get(name, []) if u.op_type == "CtxScatter"]
+            others = [u.op_type for u in consumers.get(name, []) if u.op_type not in ("CtxScatter", "Shape")]
+            if len(users) != 1 or others or users[0].output[0] != name + RETAINED_SUFFIX:
+                raise RewriteNotApplicable(f"{name} is not written by one CtxScatter into {name + RETAINED_SUFFIX}")
+            scatters[name] = users[0]
+        gathers = {}
+        for name in (past_key, past_value):
+            users = consumers.get(name + RETAINED_SUFFIX, [])
+            if len(users) != 1 or users[0].op_type != "CtxGather":
+                raise RewriteNotApplicable(f"{name + RETAINED_SUFFIX} is not read by one CtxGather")
+            gathers[name] = users[0]
+        # scores = MatMul(q, Transpose(gather_k)) -> Mul(scale) -> Where(mask) -> Softmax -> Cast* -> MatMul(., gather_v)
+        k_t = _only_consumer(consumers, gathers[past_key].output[0], "Transpose")
+        scores = _only_consumer(consumers, k_t.output[0], "MatMul")
+        if scores.input[1] != k_t.output[0]:
+            raise RewriteNotApplicable(f"layer {layer}: keys are not the right operand of the score MatMul")
+        mul = _only_consumer(consumers, scores.output[0], "Mul")
+        scale = _scalar(g, mul.input[1], producers)
+        if scale is None:
+            raise RewriteNotApplicable(f"layer {layer}: the score scale is not a scalar constant")
+        where = _only_consumer(consumers, mul.output[0], "Where")
+        chain = [k_t, scores, mul, where]
+        nxt = _only_consumer(consumers, where.output[0], "Softmax")
+        while True:
+            chain.append(nxt)
+            users = consumers.get(nxt.output[0], [])
+            if len(users) != 1:
+                raise RewriteNotApplicable(f"layer {layer}: attention probabilities have {len(users)} users")
+            nxt = users[0]
+            if nxt.op_type != "Cast":
+                break
+        if nxt.op_type != "MatMul" or nxt.input[1] != gathers[past_value].output[0]:
+            raise RewriteNotApplicable(f"layer {layer}: probabilities do not multiply the gathered values")
+        chain.append(nxt)
+        # the context [B, H, S, D] -> reshapes/transposes -> the output projection MatMul (initializer weight)
+        out = nxt.output[0]
+        while True:
+            users = consumers.get(out, [])
+            if len(users) != 1:
+                raise RewriteNotApplicable(f"layer {layer}: attention context has {len(users)} users")
+            if users[0].op_type == "MatMul" and users[0].input[1] in weights:
+                o_proj = users[0]
+                break
+            if users[0].op_type not in ("Reshape", "Transpose"):
+                raise RewriteNotApplicable(f"layer {layer}: attention context goes through {users[0].op_type}")
+            out = users[0].output[0]
+        # q: the score MatMul's left operand, traced back through Reshape to [B, H, S, D]
+        q = scores.input[0]
+        while producers.get(q) is not None and producers[q].op_type == "Reshape":
+            q = producers[q].input[0]
+        head_dim = _dims(inputs[past_key])[3]
+        kv_heads = _dims(inputs[past_key])[1]
+        hidden = weights[o_proj.input[1]][0]
+        if not isinstance(head_dim, int) or not isinstance(kv_heads, int) or hidden % head_dim:
+            raise RewriteNotApplicable(f"layer {layer}: head sizes are not static ({kv_heads}, {head_dim}, {hidden})")
+        tag = f"gqa/{layer}"
+        q_bsh, q_nodes = to_bsh(q, f"{tag}/q")
+        k_bsh, k_nodes = to_bsh(scatters[past_key].input[2], f"{tag}/k")
+        v_bsh, v_nodes = to_bsh(scatters[past_value].input[2], f"{tag}/v")
+        gqa = helper.make_node(
+            "GroupQueryAttention",
+            [q_bsh, k_bsh, v_bsh, past_key, past_value, SEQLENS_K, "gqa/total_sequence_length"],
+            [f"{tag}/out", past_key + RETAINED_SUFFIX, past_value + RETAINED_SUFFIX],
+            name=f"{tag}/GroupQueryAttention", domain=MS_DOMAIN,
+            num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale)
+        o_proj.input[0] = f"{tag}/out"
+        new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, gqa]))
+        drop.update(id(n) for n in (*chain, *scatters.values(), *gathers.values()))
+
+    first = [helper.make_node("Constant", [], ["gqa/shape_bs_1"], value=numpy_helper.from_array(
+                 np.array([0, 0, -1], np.int64)), name="gqa/shape_bs_1"),
+             helper.make_node("ReduceMax", [SEQLENS_K], ["gqa/max_seqlen"], keepdims=0, name="gqa/max_seqlen"),
+             helper.make_node("Constant", [], ["gqa/one"], value=numpy_helper.from_array(np.array(1, np.int32)),
+                              name="gqa/one"),
+             helper.make_node("Add", ["gqa/max_seqlen", "gqa/one"], ["gqa/total_sequence_length"],
+                              name="gqa/total_sequence_length")]
+    before = {id(anchor): nodes for anchor, nodes in new_nodes}
+    nodes = list(first)
+    for n in g.node:
+        nodes.extend(before.get(id(n), []))
+        if id(n) not in drop:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(_live(nodes, {o.name for o in g.output}))
+    batch = _dims(inputs[INPUT_IDS])[0]
+    g.input.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [batch]))
+    used_domains = {n.domain for n in g.node}
+    kept = [f for f in model.functions if f.domain in used_domains and any(
+        n.op_type == f.name and n.domain == f.domain for n in g.node)]
+    del model.functions[:]
+    model.functions.extend(kept)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    del g.value_info[:]  # shapes of removed tensors; ORT infers what it needs
+    return model, len(pasts)
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """The nodes that some graph output depends on, in their order."""
+    needed, keep = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    return keep[::-1]
+
+
+# ----------------------------------------------------------------------------- compile step
+def write_ort_graph(onnx_path: Path, folder: Path) -> OrtGraphPlan:
+    """Write the rewritten graph into `folder` (graph only: its weights stay in the export's external-data file,
+    which the session reads from the export folder) or say why the exported graph runs as it is."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    before = len(model.graph.node)
+    try:
+        model, layers = rewrite_gqa(model)
+    except RewriteNotApplicable as e:
+        return OrtGraphPlan("exported", f"exported graph kept: {e}")
+    onnx.save(model, str(folder / ORT_GRAPH))
+    return OrtGraphPlan("gqa", f"attention of {layers} layer(s) replaced by com.microsoft.GroupQueryAttention "
+                               "(KV cache updated in place)", ORT_GRAPH, layers, before, len(model.graph.node))
+
+
+def plan_ort_graph(onnx_path: Path, folder: Path, specializations: list[dict[str, int]],
+                   threads: int | None = None) -> OrtGraphPlan:
+    """The embedded backend's compile step: which graph it runs and why; the rewritten graph (checked against the
+    exported one) is written into `folder` when it applies. QEFF_LAB_ORT_GRAPH=exported keeps the exported graph."""
+    if os.environ.get(GRAPH_ENV, "auto") == "exported":
+        return OrtGraphPlan("exported", f"exported graph kept: {GRAPH_ENV}=exported")
+    if not specializations or not all("ctx_len" in s and "seq_len" in s for s in specializations):
+        return OrtGraphPlan("exported", "exported graph kept: not a retained-KV decoder (no ctx_len/seq_len)")
+    plan = write_ort_graph(onnx_path, folder)
+    return verify(plan, onnx_path, folder, specializations[0]["ctx_len"],
+                  max(s["seq_len"] for s in specializations), threads)
+
+
+def ort_graph_summary(plan: dict) -> str:
+    """One line for the compile report: which graph the embedded backend runs and why."""
+    if plan.get("graph") == "gqa":
+        return (f"runs its GroupQueryAttention graph ({plan['layers']} layers, {plan['nodes_before']} -> "
+                f"{plan['nodes_after']} nodes; max |logit diff| vs the exported graph {plan['max_logit_diff']:.1e})")
+    return f"runs the exported graph ({plan.get('why', '').split(': ', 1)[-1]})"
+
+
+def graph_choice_key() -> str:
+    """What the compile folder's key records about this step (a different rewrite makes a different folder)."""
+    return "exported" if os.environ.get(GRAPH_ENV, "auto") == "exported" else REWRITE_VERSION
+
+
+def verify(plan: OrtGraphPlan, onnx_path: Path, folder: Path, ctx_len: int, prefill_seq_len: int,
+           threads: int | None = None, decode_steps: int = 3) -> OrtGraphPlan:
+    """Run the exported graph and the rewrite on ONNX Runtime with the same random prompt (a full prefill chunk
+    and a shorter one, then `decode_steps` decode steps, batch 1) and record the largest logit difference; above
+    TOLERANCE the exported graph runs instead (the rewritten file is removed)."""
+    if plan.graph != "gqa":
+        return plan
+    P = prefill_seq_len
+    length = max(1, min(ctx_len - decode_steps - 1, P + max(1, P // 2)))
+    tokens = np.random.default_rng(0).integers(0, 100, length + decode_steps, dtype=np.int64)
+    calls = [(tokens[c:c + P], np.arange(c, min(c + P, length))) for c in range(0, length, P)]
+    calls = [(ids[:len(pos)], pos) for ids, pos in calls] + [(tokens[length + s:length + s + 1], np.array([length + s]))
+                                                             for s in range(decode_steps)]
+    try:
+        exported = _run_exported(onnx_path, calls, ctx_len, P, threads)
+        rewritten = _run_rewritten(folder / ORT_GRAPH, onnx_path.parent, calls, ctx_len, threads)
+    except (RuntimeError, ValueError) as e:  # ONNX Runtime refused the rewritten graph (its errors are RuntimeErrors)
+        (folder / ORT_GRAPH).unlink()
+        return OrtGraphPlan("exported", f"exported graph kept: the GroupQueryAttention rewrite did not run "
+                                        f"({' '.join(str(e).split())[:300]})")
+    diff = float(np.abs(exported - rewritten).max())
+    plan.max_logit_diff = diff
+    if not np.isfinite(diff) or diff > TOLERANCE:
+        (folder / ORT_GRAPH).unlink()
+        return OrtGraphPlan("exported", f"exported graph kept: the GroupQueryAttention rewrite differed by {diff:.2e} "
+                                        f"in logits (> {TOLERANCE:g}) on a check sequence", max_logit_diff=diff)
+    return plan
+
+
+def _options(threads: int | None, weights_dir: Path | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", "0")) or (os.cpu_count() or 1)
+    opts.log_severity_level = 3
+    if weights_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+    return opts
+
+
+def _past_shapes(session) -> dict[str, tuple]:
+    """(kv_heads, head_dim) of each past_* input."""
+    return {i.name: (i.shape[1], i.shape[3]) for i in session.get_inputs() if i.name.startswith("past_")}
+
+
+def _run_exported(onnx_path: Path, calls, ctx_len: int, P: int, threads) -> np.ndarray:
+    """Logits of each call on the exported graph (padded to the compiled shapes, cache fed back through numpy)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), _options(threads), providers=["CPUExecutionProvider"])
+    past = {n: np.zeros((1, h, ctx_len, d), np.float32) for n, (h, d) in _past_shapes(sess).items()}
+    names = [o.name for o in sess.get_outputs()]
+    out = []
+    for ids, pos in calls:
+        width = P if len(pos) > 1 or P == 1 else 1
+        feed_ids, feed_pos = np.zeros((1, width), np.int64), np.full((1, width), -1, np.int64)
+        feed_ids[0, :len(ids)], feed_pos[0, :len(pos)] = ids, pos
+        res = dict(zip(names, sess.run(names, {INPUT_IDS: feed_ids, POSITION_IDS: feed_pos, **past})))
+        past = {n: res[n + RETAINED_SUFFIX] for n in past}
+        out.append(res["logits"][:, -1])
+    return np.concatenate(out)
+
+
+def _run_rewritten(graph: Path, weights_dir: Path, calls, ctx_len: int, threads) -> np.ndarray:
+    """Logits of each call on the rewritten graph, its cache bound in place as the runner binds it."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(graph.read_bytes(), _options(threads, weights_dir), providers=["CPUExecutionProvider"])
+    io = sess.io_binding()
+    cache = {}
+    for n, (h, d) in _past_shapes(sess).items():  # one spare slot, as the runner allocates
+        cache[n] = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, h, ctx_len + 1, d), np.float32))
+        io.bind_ortvalue_input(n, cache[n])
+        io.bind_ortvalue_output(n + RETAINED_SUFFIX, cache[n])
+    io.bind_output("logits", "cpu")
+    out = []
+    for ids, pos in calls:
+        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids[None]))
+        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(pos[None]))
+        io.bind_cpu_input(SEQLENS_K, np.array([pos[-1]], np.int32))
+        sess.run_with_iobinding(io)
+        out.append(io.get_outputs()[len(cache)].numpy()[:, -1].copy())  # the bound buffer is reused
+    return np.concatenate(out)
+
+
+__all__ = [
+    "GRAPH_ENV",
+    "ORT_GRAPH",
+    "REWRITE_VERSION",
+    "SEQLENS_K",
+    "OrtGraphPlan",
+    "RewriteNotApplicable",
+    "graph_choice_key",
+    "plan_ort_graph",
+    "rewrite_gqa",
+    "verify",
+    "write_ort_graph",
+]

@@ -41,7 +41,8 @@ RECYCLE_AFTER = 40  # worker processes are replaced after this many types (bound
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN, MOE_FFN = 64, 2, 4, 2, 16, 128, 32
 SIZES: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "n_embd", "n_embed", "d_model", "dim", "embed_dim", "emb_dim",
-                     "word_embed_proj_dim", "embedding_size", "attention_hidden_size", "true_hidden_size"), HIDDEN),
+                     "word_embed_proj_dim", "embedding_size", "attention_hidden_size", "true_hidden_size",
+                     "intra_bottleneck_size"), HIDDEN),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers"), LAYERS),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads",
                      "swa_num_attention_heads"), HEADS),
@@ -59,12 +60,12 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k"), 2),
     **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
-    "vocab_size": VOCAB,
+    "vocab_size": VOCAB, "mask_token_id": VOCAB - 1,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length"), 256),
     **dict.fromkeys(("sliding_window", "sliding_window_size", "attention_chunk_size"), 6),
 }
 # None here is "not given" (the modeling code then fails or derives a default size): give it the tiny value
-SET_WHEN_NONE = {"num_key_value_heads", "head_dim", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_k"}
+SET_WHEN_NONE = {"vocab_size", "mask_token_id", "num_key_value_heads", "head_dim", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_k"}
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 MULTIMODAL_SUBCONFIGS = ("text_config", "vision_config", "audio_config", "vq_config", "speech_config",
                          "audio_encoder_config", "depth_decoder_config", "vision_tower_config")
@@ -98,7 +99,8 @@ def shrink_overrides(defaults: dict, default_layers: int | None) -> dict:
         elif key == "initializer_range" and isinstance(value, float):
             out[key] = 0.1  # livelier logits than 0.02: fewer near-ties in the greedy comparison
         elif (default_layers and isinstance(value, (list, str)) and len(value) == default_layers
-              and key not in ("architectures",) and default_layers > LAYERS):
+              and key not in ("architectures",) and default_layers > LAYERS
+              and (isinstance(value, list) or len(set(value)) <= 3)):  # a pattern string ("MMM*"), not a word
             out[key] = _two_of(value)
         elif (isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
               and key not in ("id2label", "label2id")):  # per-layer overrides: keep (or move) one onto layer 1
@@ -287,23 +289,32 @@ def check_encoder(model_type: str, row: Row) -> None:
     import numpy as np
     import torch
     from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     from qeff_lab.models.base import UnsupportedModelError
     from qeff_lab.models.encoder import QEFFAutoModel
+    from qeff_lab.transforms.encoders import ENCODER_SWAPS
+    from qeff_lab.transforms.generic import UnsupportedArchitectureError
 
     config = tiny_config(model_type)
     try:
         QEFFAutoModel.check_supported(config, model_type)
     except UnsupportedModelError as e:
-        row.status = "unsupported"
-        row.reason = "not yet on the encoder path: " + " ".join(str(e).split())
+        row.status, row.reason = "unsupported", " ".join(str(e).split())
         return
-    row.path = "encoder"
     stage = "build"
     try:
+        if getattr(config, "pad_token_id", 0) is None:
+            config.pad_token_id = 0  # the padded batch needs a padding id (esm derives positions from it)
+        if not config.architectures:  # AutoModel picks among several classes by it (funnel)
+            base = MODEL_MAPPING_NAMES.get(model_type)
+            config.architectures = [base[0] if isinstance(base, (tuple, list)) else base]
         torch.manual_seed(0)
         model = AutoModel.from_config(config, attn_implementation="eager").float().eval()
+        if getattr(config, "languages", None) and hasattr(model, "set_default_language"):
+            model.set_default_language(config.languages[0])  # X-MOD: one adapter per language, the model's own API
         row.model_class = type(model).__name__
+        row.path = "encoder family" if type(model) in ENCODER_SWAPS else "generic encoder"
         prompts = prompt_ids()
         width = max(PROMPT_LENGTHS)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -333,11 +344,14 @@ def check_encoder(model_type: str, row: Row) -> None:
             row.status, row.reason = "fail", diff
             return
         stage = "compile (export + ONNX Runtime)"
-        qeff.compile(seq_len=16, batch_size=BATCH, backend="onnxruntime")
+        qeff.compile(seq_len=width, batch_size=BATCH, backend="onnxruntime")  # the width HF saw (conv layers see padding)
         stage = "ONNX Runtime generate"
         out = qeff.generate({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["output"]
         diff = compare(out, "ONNX Runtime")
         row.status, row.reason = ("fail", diff) if diff else ("pass", "")
+    except (UnsupportedModelError, UnsupportedArchitectureError) as e:
+        row.status, row.reason = ("unsupported", " ".join(str(e).split())) if stage == "from_model" else (
+            "fail", f"{stage}: {one_line(e)}")
     except Exception as e:
         row.status, row.reason = "fail", f"{stage}: {one_line(e)}"
 

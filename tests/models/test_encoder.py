@@ -151,7 +151,7 @@ def test_generate_before_compile():
 
 def test_unsupported_architecture_fails_at_load(tmp_path):
     GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2' model.*bert, roberta, xlm-roberta"):
+    with pytest.raises(UnsupportedModelError, match=r"gpt2 is a decoder-only \(causal LM\) model; use QEFFAutoModelForCausalLM"):
         QEFFAutoModel.from_pretrained(str(tmp_path))
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -625,6 +626,26 @@ def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float
         lines.append(f"| {r.model_type} | {r.kind} | {_cell(r.path)} | {r.status} | {r.seconds:.1f} | "
                      f"{_cell(r.reason)} |")
     return "\n".join(lines) + "\n"
+
+
+def read_matrix(path: str = DEFAULT_OUTPUT):
+    """The rows of a written support matrix (markdown) as a pandas DataFrame: model type, kind, path, status,
+    time (s), reason. Reads the committed file, so a notebook's output does not depend on the machine."""
+    import pandas as pd
+    from pathlib import Path
+
+    lines = Path(path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model type |"))
+    header = [h.strip() for h in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        rows.append(dict(zip(header, cells)))
+    frame = pd.DataFrame(rows, columns=header)
+    frame["time (s)"] = frame["time (s)"].astype(float)
+    return frame
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -44,6 +44,7 @@ CASES = {
     # sizes its padding mask from cache.get_seq_length() (past + new = the retained buffer); learned positions
     "opt": (tf.OPTConfig, tf.OPTForCausalLM, {**COMMON, "ffn_dim": 128, "word_embed_proj_dim": 64}),
     "apertus": (tf.ApertusConfig, tf.ApertusForCausalLM, COMMON),  # xIELU activation: aten::expm1 at export
+    "glm": (tf.GlmConfig, tf.GlmForCausalLM, {**COMMON, "head_dim": 16}),  # interleaved RoPE: repeat_interleave
 }
 
 
@@ -174,7 +175,7 @@ def test_mla_is_named():
 
 
 # ----------------------------------------------------------------------------- export: the same graph contract
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral", "apertus"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral", "apertus", "glm"])
 def test_onnx_export_runs_in_onnxruntime_with_hf_tokens(model_type):
     import onnx
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -41,7 +42,8 @@ RECYCLE_AFTER = 40  # worker processes are replaced after this many types (bound
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN, MOE_FFN = 64, 2, 4, 2, 16, 128, 32
 SIZES: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "n_embd", "n_embed", "d_model", "dim", "embed_dim", "emb_dim",
-                     "word_embed_proj_dim", "embedding_size", "attention_hidden_size", "true_hidden_size"), HIDDEN),
+                     "word_embed_proj_dim", "embedding_size", "attention_hidden_size", "true_hidden_size",
+                     "intra_bottleneck_size"), HIDDEN),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers"), LAYERS),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads",
                      "swa_num_attention_heads"), HEADS),
@@ -59,12 +61,12 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k"), 2),
     **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
-    "vocab_size": VOCAB,
+    "vocab_size": VOCAB, "mask_token_id": VOCAB - 1,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length"), 256),
     **dict.fromkeys(("sliding_window", "sliding_window_size", "attention_chunk_size"), 6),
 }
 # None here is "not given" (the modeling code then fails or derives a default size): give it the tiny value
-SET_WHEN_NONE = {"num_key_value_heads", "head_dim", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_k"}
+SET_WHEN_NONE = {"vocab_size", "mask_token_id", "num_key_value_heads", "head_dim", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_k"}
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 MULTIMODAL_SUBCONFIGS = ("text_config", "vision_config", "audio_config", "vq_config", "speech_config",
                          "audio_encoder_config", "depth_decoder_config", "vision_tower_config")
@@ -98,7 +100,8 @@ def shrink_overrides(defaults: dict, default_layers: int | None) -> dict:
         elif key == "initializer_range" and isinstance(value, float):
             out[key] = 0.1  # livelier logits than 0.02: fewer near-ties in the greedy comparison
         elif (default_layers and isinstance(value, (list, str)) and len(value) == default_layers
-              and key not in ("architectures",) and default_layers > LAYERS):
+              and key not in ("architectures",) and default_layers > LAYERS
+              and (isinstance(value, list) or len(set(value)) <= 3)):  # a pattern string ("MMM*"), not a word
             out[key] = _two_of(value)
         elif (isinstance(value, dict) and value and all(str(k).isdigit() for k in value)
               and key not in ("id2label", "label2id")):  # per-layer overrides: keep (or move) one onto layer 1
@@ -287,23 +290,32 @@ def check_encoder(model_type: str, row: Row) -> None:
     import numpy as np
     import torch
     from transformers import AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
     from qeff_lab.models.base import UnsupportedModelError
     from qeff_lab.models.encoder import QEFFAutoModel
+    from qeff_lab.transforms.encoders import ENCODER_SWAPS
+    from qeff_lab.transforms.generic import UnsupportedArchitectureError
 
     config = tiny_config(model_type)
     try:
         QEFFAutoModel.check_supported(config, model_type)
     except UnsupportedModelError as e:
-        row.status = "unsupported"
-        row.reason = "not yet on the encoder path: " + " ".join(str(e).split())
+        row.status, row.reason = "unsupported", " ".join(str(e).split())
         return
-    row.path = "encoder"
     stage = "build"
     try:
+        if getattr(config, "pad_token_id", 0) is None:
+            config.pad_token_id = 0  # the padded batch needs a padding id (esm derives positions from it)
+        if not config.architectures:  # AutoModel picks among several classes by it (funnel)
+            base = MODEL_MAPPING_NAMES.get(model_type)
+            config.architectures = [base[0] if isinstance(base, (tuple, list)) else base]
         torch.manual_seed(0)
         model = AutoModel.from_config(config, attn_implementation="eager").float().eval()
+        if getattr(config, "languages", None) and hasattr(model, "set_default_language"):
+            model.set_default_language(config.languages[0])  # X-MOD: one adapter per language, the model's own API
         row.model_class = type(model).__name__
+        row.path = "encoder family" if type(model) in ENCODER_SWAPS else "generic encoder"
         prompts = prompt_ids()
         width = max(PROMPT_LENGTHS)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -333,11 +345,14 @@ def check_encoder(model_type: str, row: Row) -> None:
             row.status, row.reason = "fail", diff
             return
         stage = "compile (export + ONNX Runtime)"
-        qeff.compile(seq_len=16, batch_size=BATCH, backend="onnxruntime")
+        qeff.compile(seq_len=width, batch_size=BATCH, backend="onnxruntime")  # the width HF saw (conv layers see padding)
         stage = "ONNX Runtime generate"
         out = qeff.generate({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["output"]
         diff = compare(out, "ONNX Runtime")
         row.status, row.reason = ("fail", diff) if diff else ("pass", "")
+    except (UnsupportedModelError, UnsupportedArchitectureError) as e:
+        row.status, row.reason = ("unsupported", " ".join(str(e).split())) if stage == "from_model" else (
+            "fail", f"{stage}: {one_line(e)}")
     except Exception as e:
         row.status, row.reason = "fail", f"{stage}: {one_line(e)}"
 
@@ -569,7 +584,7 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float) -> str:
+def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float, note: str = "") -> str:
     import datetime
 
     import transformers
@@ -606,11 +621,50 @@ def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float
     for kind, c in by_kind.items():
         if sum(c.values()):
             lines.append(f"| {kind}s | " + " | ".join(str(c[s]) for s in STATUSES) + f" | {sum(c.values())} |")
+    if note:
+        lines += ["", note]
     lines += ["", "| model type | kind | path | status | time (s) | reason |", "|---|---|---|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r.model_type} | {r.kind} | {_cell(r.path)} | {r.status} | {r.seconds:.1f} | "
                      f"{_cell(r.reason)} |")
     return "\n".join(lines) + "\n"
+
+
+def read_matrix(path: str = DEFAULT_OUTPUT):
+    """The rows of a written support matrix (markdown) as a pandas DataFrame: model type, kind, path, status,
+    time (s), reason. Reads the committed file, so a notebook's output does not depend on the machine."""
+    import pandas as pd
+    from pathlib import Path
+
+    lines = Path(path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model type |"))
+    header = [h.strip() for h in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+        rows.append(dict(zip(header, cells)))
+    frame = pd.DataFrame(rows, columns=header)
+    frame["time (s)"] = frame["time (s)"].astype(float)
+    return frame
+
+
+def merged_markdown(path, rows: list[Row], command: str, wall_s: float) -> str:
+    """The matrix at `path` with `rows` re-checked in place (counts recomputed); the header keeps the full run's
+    command and time and says which rows were re-run, by which command, in how long."""
+    header = (path.read_text().splitlines() + [""] * 3)[2]  # "Generated by `...` on ... in ... min (...)."
+    match = re.match(r"Generated by `(.+?)` on \S+ in ([\d.]+) min .*per-type limit ([\d.]+) s", header)
+    if match is None:
+        raise ValueError(f"{path}: not a support matrix written by this command (no 'Generated by' line).")
+    old = read_matrix(str(path))
+    new = {r.model_type: r for r in rows}
+    merged = [new.pop(t, None) or Row(t, kind, status, float(secs), reason, "", p)
+              for t, kind, p, status, secs, reason in old.itertuples(index=False)]
+    merged += list(new.values())
+    note = (f"Re-run after the full run: {', '.join(r.model_type for r in rows)} (`{command}`, "
+            f"{wall_s / 60:.1f} min).")
+    return render_markdown(merged, match.group(1), float(match.group(2)) * 60, float(match.group(3)), note)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -623,6 +677,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append(f"--jobs {args.jobs}")
     if args.json:
         parts.append("--json")
+    if getattr(args, "update", False):
+        parts.append("--update")
     return " ".join(parts)
 
 
@@ -631,6 +687,9 @@ def cmd_support_matrix(args: argparse.Namespace) -> int:
     import tempfile
 
     types = select_types(args.only)
+    if args.update and not (args.only and args.output and os.path.exists(args.output)):
+        raise ValueError("--update re-checks the --only types in an existing --output matrix: give --only TYPE ... "
+                         "and an --output file that exists (run the full matrix first).")
     own_cache = None
     if not os.environ.get("QEFF_LAB_MATRIX_KEEP_CACHE"):
         own_cache = tempfile.mkdtemp(prefix="qeff_lab-matrix-cache-")
@@ -662,7 +721,11 @@ def cmd_support_matrix(args: argparse.Namespace) -> int:
 
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render_markdown(rows, command_line(args), wall, args.timeout))
+        if args.update:
+            text = merged_markdown(out, rows, command_line(args), wall)
+        else:
+            text = render_markdown(rows, command_line(args), wall, args.timeout)
+        out.write_text(text)
     counts = counts_of(rows)
     if args.json:
         json.dump([asdict(r) for r in rows], sys.stdout, indent=1)
@@ -681,6 +744,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON (the markdown is written too)")
     p.add_argument("--output", default=DEFAULT_OUTPUT,
                    help=f"markdown file to write (default {DEFAULT_OUTPUT}; '' writes none)")
+    p.add_argument("--update", action="store_true",
+                   help="re-check only the --only types and replace their rows in the existing --output file")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per model type (default 120)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--log", default=None, help="file for the workers' own output (default: discarded)")

@@ -11,10 +11,10 @@ from qeff_lab.contracts import ATTENTION_MASK, INPUT_IDS, Step
 from qeff_lab.models.base import CompilePlan, ExportSpec, QEFFBaseModel, UnsupportedModelError
 from qeff_lab.pipeline import StepReport
 from qeff_lab.transforms.encoders import (
-    SUPPORTED_ENCODER_TYPES,
     PooledEncoder,
     Pooling,
-    fp16_safe_mask_transform,
+    encoder_obstacle,
+    encoder_transform,
     pooling_fn,
     pooling_key,
 )
@@ -44,11 +44,9 @@ class QEFFAutoModel(QEFFBaseModel):
     # ------------------------------------------------------------------ what differs
     @classmethod
     def check_supported(cls, config, what: str) -> None:
-        if config.model_type not in SUPPORTED_ENCODER_TYPES:
-            raise UnsupportedModelError(
-                f"{what} is a {config.model_type!r} model ({', '.join(getattr(config, 'architectures', None) or [])}); "
-                f"QEFFAutoModel supports the encoder families {', '.join(sorted(SUPPORTED_ENCODER_TYPES))}. "
-                "For decoders use QEFFAutoModelForCausalLM.")
+        reason = encoder_obstacle(config)
+        if reason is not None:
+            raise UnsupportedModelError(f"{what}: {reason}")
 
     @classmethod
     def _check_kind_options(cls, pooling: Pooling = None) -> None:
@@ -59,7 +57,7 @@ class QEFFAutoModel(QEFFBaseModel):
         return {"pooling": getattr(pooling, "__name__", "callable") if callable(pooling) else pooling_key(pooling)}
 
     def _pytorch_transforms(self):
-        return [fp16_safe_mask_transform]
+        return [encoder_transform]
 
     def export_spec(self) -> ExportSpec:
         """Encoder + pooling: (input_ids, attention_mask) -> output, dynamic batch_size and seq_len."""

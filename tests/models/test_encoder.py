@@ -151,7 +151,7 @@ def test_generate_before_compile():
 
 def test_unsupported_architecture_fails_at_load(tmp_path):
     GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"'gpt2' model.*bert, roberta, xlm-roberta"):
+    with pytest.raises(UnsupportedModelError, match=r"gpt2 is a decoder-only \(causal LM\) model; use QEFFAutoModelForCausalLM"):
         QEFFAutoModel.from_pretrained(str(tmp_path))
 
 
@@ -174,3 +174,25 @@ def test_reprs_are_short_and_deterministic():
     html = a._repr_html_()
     assert "<table" in html and "transform" in html
     assert "QEffBertModel" in a.steps["transform"]._repr_html_()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "avg", None])
+def test_generic_encoder_every_pooling_in_onnxruntime(pooling):
+    """A type outside the BERT families (MPNet: relative position buckets, its own attention) through the whole
+    pipeline: the exported graph's output equals HF's hidden states, pooled the same way, at the real tokens."""
+    from tests.transforms.test_encoders import padded_batch, tiny_generic
+
+    hf = tiny_generic("mpnet")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        hidden = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    expected = hidden if pooling is None else pooling_fn(pooling)(hidden, mask)
+    model = QEFFAutoModel.from_model(tiny_generic("mpnet"), pooling=pooling, name="tiny-mpnet")
+    assert model.transforms_applied == ["GenericEncoder"]
+    model.compile(seq_len=ids.shape[1], batch_size=2)
+    out = model.generate({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["output"]
+    if pooling is None:
+        real = mask.numpy().astype(bool)
+        np.testing.assert_allclose(out[real], expected.numpy()[real], atol=1e-4)
+    else:
+        np.testing.assert_allclose(out, expected.numpy(), atol=1e-4)

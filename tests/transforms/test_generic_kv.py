@@ -41,6 +41,10 @@ CASES = {
     "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {**COMMON, "use_qk_norm": True, "logit_scale": 0.5}),
     "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel, GPT),  # learned position table (padding must not index -1)
     "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, {**COMMON, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    # sizes its padding mask from cache.get_seq_length() (past + new = the retained buffer); learned positions
+    "opt": (tf.OPTConfig, tf.OPTForCausalLM, {**COMMON, "ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "apertus": (tf.ApertusConfig, tf.ApertusForCausalLM, COMMON),  # xIELU activation: aten::expm1 at export
+    "glm": (tf.GlmConfig, tf.GlmForCausalLM, {**COMMON, "head_dim": 16}),  # interleaved RoPE: repeat_interleave
 }
 
 
@@ -148,9 +152,10 @@ def test_sliding_window_is_applied_beyond_the_window():
      r"^mamba: MambaMixer .*recurrent state.*transformers. own generate"),
     (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=VOCAB)),
      r"^t5: encoder-decoder"),
-    (lambda: tf.FalconForCausalLM(tf.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                  vocab_size=VOCAB)),
-     r"^falcon: FalconModel\.forward calls cache\.get_seq_length\(\)"),
+    (lambda: tf.Llama4ForCausalLM(tf.Llama4TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                                      vocab_size=VOCAB)),
+     r"^llama4_text: Llama4TextAttention\.forward builds positions from cache\.get_seq_length\(\)"),
 ])
 def test_unsupported_architectures_fail_at_load_with_a_reason(build, expected):
     model = build().eval()
@@ -170,7 +175,7 @@ def test_mla_is_named():
 
 
 # ----------------------------------------------------------------------------- export: the same graph contract
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral", "apertus", "glm"])
 def test_onnx_export_runs_in_onnxruntime_with_hf_tokens(model_type):
     import onnx
 

@@ -26,8 +26,9 @@ Traps handled
 - Position ids sit on the cache (gpt_neox calls `update(k, v, layer_idx)` without cache kwargs).
 - Padding (-1): CtxScatter drops the write; the mask puts padding query rows at position 0 (never a fully
   masked row); the model gets position_ids.clamp(min=0) (learned tables such as gpt2's raise on -1).
-- `get_seq_length()` raises: a model that relies on a single cache length fails loudly, naming its type
-  (falcon, bloom, opt are caught earlier, by reading their source: support.py).
+- `get_seq_length()` returns ctx_len - new tokens (past + new spans the buffer): models that size a padding mask or
+  ALiBi key positions from it (opt, biogpt, ctrl) cover every slot; one that builds positions from it even when
+  position_ids are given (llama4's attention temperature) is refused by reading its source (support.py).
 - `set_attn_implementation` only warns when a model cannot take it: checked after the call.
 - MoE "eager" experts loop over the experts hit (data-dependent, frozen by tracing); "grouped_mm" has no ONNX
   lowering: dense experts instead.

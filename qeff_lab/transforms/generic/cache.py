@@ -19,13 +19,6 @@ class UnsupportedArchitectureError(UnsupportedConfigError):
     """A model the generic retained-state path cannot run exactly; the message names the type, the obstacle and what to do."""
 
 
-def _no_seq_length(model_type: str):
-    raise UnsupportedArchitectureError(
-        f"{model_type}: the model called cache.get_seq_length(). A retained-state cache has no sequence length "
-        "(each row's length is its position_ids); this model needs a named override that takes positions from "
-        "position_ids, or the family swap path (qeff_lab.transforms.families).")
-
-
 class RetainedStateLayer(CacheLayerMixin):
     """One layer's retained buffers; `update` = CtxScatter at the cache's positions, then CtxGather of the context."""
 
@@ -49,7 +42,7 @@ class RetainedStateLayer(CacheLayerMixin):
         return self.keys.shape[2], 0  # the mask spans every slot; the model's mask_function decides per position
 
     def get_seq_length(self) -> int:
-        _no_seq_length(self.owner.model_type)
+        return self.owner.get_seq_length()
 
     def get_max_length(self) -> int:
         return self.keys.shape[2]
@@ -81,7 +74,11 @@ class RetainedStateCache(Cache):
         return self.query_positions
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        _no_seq_length(self.model_type)
+        """ctx_len - new tokens: the "past" length for which past + new spans the whole buffer. A model that sizes a
+        [B, past + new] padding mask or ALiBi key positions from it then covers every slot (slot = position); the
+        causal / sliding mask still comes from position_ids. A model that derives positions from it is refused by
+        support.py (its source is read) or caught by the matrix's parity check."""
+        return self.layers[0].keys.shape[2] - self.position_ids.shape[1]
 
     def buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(layer.keys, layer.values) for layer in self.layers]
@@ -106,14 +103,14 @@ class _ProbeLayer(CacheLayerMixin):
         return query_length, 0
 
     def get_seq_length(self) -> int:
-        _no_seq_length(self.model_type)
+        return 0  # the probe's one token has no past
 
     def get_max_length(self) -> int:
         return -1
 
 
 class ProbeCache(Cache):
-    """Lazily grows one `_ProbeLayer` per `update(layer_idx)`; like RetainedStateCache it refuses get_seq_length."""
+    """Lazily grows one `_ProbeLayer` per `update(layer_idx)`; get_seq_length is 0 (one token, no past)."""
 
     def __init__(self, position_ids: torch.Tensor, model_type: str):
         super().__init__(layer_class_to_replicate=_ProbeLayer)
@@ -130,4 +127,4 @@ class ProbeCache(Cache):
         return self.query_positions
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        _no_seq_length(self.model_type)
+        return 0

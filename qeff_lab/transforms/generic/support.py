@@ -33,6 +33,13 @@ class Support:
 
 
 def _modeling_module(config):
+    """The modeling file of the config's causal-LM class (llama4_text lives in models/llama4), else by model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return importlib.import_module(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__module__)
+    except (KeyError, ValueError, ImportError, AttributeError):
+        pass
     model_type = getattr(config, "model_type", "")
     try:
         return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
@@ -41,14 +48,16 @@ def _modeling_module(config):
 
 
 @lru_cache(maxsize=None)
-def _unconditional_seq_length_calls(module_name: str) -> tuple[str, ...]:
-    """`forward` methods that call `*.get_seq_length()` outside an `if position_ids is None:` branch."""
+def _positions_from_seq_length(module_name: str) -> tuple[str, ...]:
+    """Methods that build positions from `cache.get_seq_length()` (a name assigned from it, then used in an
+    `arange`) outside an `if position_ids is None:` branch. The retained cache's get_seq_length is only a buffer
+    size (ctx_len - new tokens): fine for sizing a padding mask or ALiBi, wrong as a position."""
     source = inspect.getsource(importlib.import_module(module_name))
     found = []
 
     class Visitor(ast.NodeVisitor):
         def __init__(self):
-            self.cls, self.func, self.guarded = None, None, 0
+            self.cls, self.func, self.guarded, self.names = None, None, 0, set()
 
         def visit_ClassDef(self, node):
             outer, self.cls = self.cls, node.name
@@ -56,9 +65,9 @@ def _unconditional_seq_length_calls(module_name: str) -> tuple[str, ...]:
             self.cls = outer
 
         def visit_FunctionDef(self, node):
-            outer, self.func = self.func, node.name
+            outer, outer_names, self.func, self.names = self.func, self.names, node.name, set()
             self.generic_visit(node)
-            self.func = outer
+            self.func, self.names = outer, outer_names
 
         def visit_If(self, node):
             guard = "position_ids" in ast.unparse(node.test) and "None" in ast.unparse(node.test)
@@ -69,10 +78,12 @@ def _unconditional_seq_length_calls(module_name: str) -> tuple[str, ...]:
             for child in node.orelse:
                 self.visit(child)
 
-        def visit_Call(self, node):
-            if (isinstance(node.func, ast.Attribute) and node.func.attr == "get_seq_length" and self.func == "forward"
-                    and not self.guarded):
-                found.append(f"{self.cls}.forward")
+        def visit_Assign(self, node):
+            text = ast.unparse(node.value)
+            if "get_seq_length" in text:
+                self.names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+            elif not self.guarded and "arange" in text and any(n in text for n in self.names):
+                found.append(f"{self.cls}.{self.func}")
             self.generic_visit(node)
 
     Visitor().visit(ast.parse(source))
@@ -137,11 +148,11 @@ def check_support(config_or_model) -> Support:
                               "checkpoint with a static rope type (default, linear, llama3, yarn).")
     module = _modeling_module(config)
     if module is not None:
-        calls = _unconditional_seq_length_calls(module.__name__)
+        calls = _positions_from_seq_length(module.__name__)
         if calls:
-            return Support(False, f"{mt}: {calls[0]} calls cache.get_seq_length() on every call (a retained cache "
-                                  "has no single length; positions come from position_ids); needs a named override "
-                                  "or the family swap path.")
+            return Support(False, f"{mt}: {calls[0]} builds positions from cache.get_seq_length() even when "
+                                  "position_ids are given (a retained cache has no single length; each row's "
+                                  "positions are its position_ids); needs a named override or the family swap path.")
         source = inspect.getsource(module)
         if "update_recurrent_state" in source or "update_conv_state" in source:
             return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a recurrent / convolutional state "

@@ -14,7 +14,7 @@ from torch import nn
 
 from qeff_lab.pipeline import Change, TransformResult
 from qeff_lab.transforms.base import swap_modules, unswap_modules
-from qeff_lab.transforms.generic import interfaces
+from qeff_lab.transforms.generic import interfaces, onnx_symbolics
 from qeff_lab.transforms.generic.cache import ProbeCache, RetainedStateCache, UnsupportedArchitectureError
 from qeff_lab.transforms.generic.rope_tables import apply_rope_tables, remove_rope_tables
 from qeff_lab.transforms.generic.support import check_support
@@ -144,6 +144,7 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
     if isinstance(model, RetainedStateCausalLM):
         return TransformResult(NAME, notes=["already on the generic retained-state path"])
     interfaces.register()
+    onnx_symbolics.register()
     params = inspect.signature(type(model).forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     result = TransformResult(NAME)

@@ -25,10 +25,11 @@ class PrecisionReport(HtmlRepr):
     seconds: float = 0.0
 
     def summary(self) -> str:
-        errors = sum(f.severity == "error" for f in self.findings)
-        hidden = sum(not f.visible_at_output for f in self.findings if f.severity == "error")
-        return (f"{self.inputs} input(s), {self.tokens} tokens: {len(self.profile.records)} sites profiled, "
-                f"{errors} overflow finding(s) ({hidden} hidden inside modules)")
+        """One line: what was profiled (sites) and the findings' headline (causes over places; see findings.py)."""
+        where = "" if self.profile.source == "pytorch" else f" on the {self.profile.source.upper()} graph"
+        sites = len({r.place for r in self.profile.records})
+        return (f"{self.inputs} input(s), {self.tokens} tokens{where}: {sites} sites profiled; "
+                f"{self.findings.headline()}")
 
     def __repr__(self) -> str:
         return f"<PrecisionReport {self.summary()}>"

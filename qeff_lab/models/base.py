@@ -340,15 +340,19 @@ class QEFFBaseModel(HtmlRepr):
         return self._session
 
     # ------------------------------------------------------------------ precision
-    def analyze(self, prompts, **options):
+    def analyze(self, prompts, on: str = "pytorch", **options):
         """Profile calibration `prompts` (text, or token ids) in fp32 and list where fp16 would overflow or
         underflow, by module path and op (qeff_lab.precision.analyze; options: decode_steps, per_step, ...).
-        Works before or after transforms; recorded as the "analyze" step. Returns a PrecisionReport."""
+        Works before or after transforms; recorded as the "analyze" step. Returns a PrecisionReport.
+        `on="onnx"`: the exported graph (exported first when needed) in ONNX Runtime, functions inlined, each
+        finding naming its ONNX node, op type, function and module (what the compiler gets)."""
         from qeff_lab.precision import analyze
 
         texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                              and all(isinstance(p, str) for p in prompts))
-        report = analyze(self.model, prompts, self.tokenizer if texts else None, **options)
+        if on == "onnx":
+            options["onnx_model"] = self.export() if self.export_result is None else self.export_result.path
+        report = analyze(self.model, prompts, self.tokenizer if texts else None, on=on, **options)
         self.precision_report = report
         self._record(StepReport(Step.ANALYZE, "done", report.seconds, report.summary(), report))
         return report

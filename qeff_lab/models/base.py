@@ -357,6 +357,23 @@ class QEFFBaseModel(HtmlRepr):
         self._record(StepReport(Step.ANALYZE, "done", report.seconds, report.summary(), report))
         return report
 
+    def find_fp32_islands(self, prompts, metric: str = "token_match", target: float | None = None,
+                          weights: str | None = None, npi_path: str | Path | None = None, **options):
+        """Search the fewest modules to keep in fp32 so emulated fp16 (`weights="mxfp6"`: + MXFP6 weights)
+        reaches `target` in `metric` ("token_match", "kl", "cosine") against fp32 on `prompts` (a few short
+        ones), then write the NPI YAML for the exported graph (exported first when needed) to `npi_path`
+        (default: the artifact cache's npi/ folder). Delegates to qeff_lab.precision.islands; returns its
+        IslandSearch (islands, reasons, the accuracy of every step, the YAML's path and nodes)."""
+        from qeff_lab.pipeline import cache_root
+        from qeff_lab.precision.islands import find_fp32_islands
+
+        texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                             and all(isinstance(p, str) for p in prompts))
+        onnx_path = self.export() if self.export_result is None else self.export_result.path
+        npi_path = npi_path or cache_root() / "npi" / f"{safe_name(self.model_name)}-{onnx_path.parent.name}-fp32-islands.yaml"
+        return find_fp32_islands(self.model, prompts, self.tokenizer if texts else None, metric=metric, target=target,
+                                 weights=weights, onnx_model=onnx_path, npi_path=npi_path, **options)
+
     def fix_precision(self, report=None) -> StepReport:
         """Apply the exact fixes the findings call for (qeff_lab.precision.apply_fixes: overflow-safe norms,
         pre-scaled attention scores, safe tanh-GELU) on the modules `report` (default: the last analyze) names,

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -55,10 +54,18 @@ class Fp16IslandEmulation(Fp16Emulation):
         self._handles: list = []
 
     def __enter__(self):
+        def enter(path):
+            def hook(module, args) -> None:
+                self._stack.append(path)
+            return hook
+
+        def leave(module, args, output) -> None:  # returns None: the output stays the module's
+            if self._stack:
+                self._stack.pop()
+
         for path, module in self.model.named_modules():
-            path = path or ROOT
-            self._handles.append(module.register_forward_pre_hook(lambda m, a, p=path: self._stack.append(p)))
-            self._handles.append(module.register_forward_hook(lambda m, a, o: self._stack.pop(), always_call=True))
+            self._handles.append(module.register_forward_pre_hook(enter(path or ROOT)))
+            self._handles.append(module.register_forward_hook(leave, always_call=True))
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -148,16 +155,15 @@ def _fmt(v: float) -> str:
 def _runs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Callable[[nn.Module], torch.Tensor]:
     """The rows the metric compares: logits at every prompt position (decoders, teacher-forced), or the last
     hidden state of every unmasked token (encoders)."""
-    if hasattr(model, "new_kv_cache"):  # retained-state (KV-transformed) decoder
-        from qeff_lab.accuracy.runners import RetainedStateRunner
-
-        def run(m):
+    if hasattr(model, "new_kv_cache"):  # retained-state (KV-transformed) decoder: every position's logits
+        def run(m):  # as accuracy.runners.RetainedStateRunner.step_all (precision may not import accuracy)
             out = []
             for enc in batches:
                 for row, mask in zip(enc["input_ids"], enc["attention_mask"]):
-                    ids = row[mask.bool()].numpy()[None]
-                    runner = RetainedStateRunner(m, prefill_seq_len=ids.shape[1], ctx_len=ids.shape[1])
-                    out.append(torch.from_numpy(runner.step_all(ids, np.arange(ids.shape[1])[None])[0]))
+                    ids = row[mask.bool()][None]
+                    hidden, _ = getattr(m, m.base_name)(ids, torch.arange(ids.shape[1])[None],
+                                                        m.new_kv_cache(1, ids.shape[1]))
+                    out.append(m.final_logits(getattr(m, m.head_name)(hidden)).float()[0])
             return torch.cat(out)
         return run
 
@@ -176,10 +182,12 @@ def _runs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Callable[
 def _score(metric: str, ref: torch.Tensor, out: torch.Tensor) -> float:
     if metric == "token_match":
         return float((ref.argmax(-1) == out.argmax(-1)).float().mean())
-    if metric == "kl":
-        from qeff_lab.accuracy.metrics import kl_divergence
-
-        return float(kl_divergence(ref.double().numpy(), out.double().numpy()).mean())
+    if metric == "kl":  # KL(P_ref || P_out) per row, as accuracy.metrics.kl_divergence; non-finite rows: inf
+        bad = ~torch.isfinite(out).all(-1)
+        lp = torch.log_softmax(ref.double(), -1)
+        lq = torch.log_softmax(torch.where(torch.isfinite(out), out, 0.0).double(), -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
+        return float(torch.where(bad, torch.full_like(kl, math.inf), kl).mean())
     cos = torch.nn.functional.cosine_similarity(ref.double(), out.double(), dim=-1)
     return float(torch.where(torch.isfinite(cos), cos, torch.full_like(cos, -1.0)).min())
 

@@ -231,9 +231,9 @@ class OnnxRangeProfiler:
             del values
 
     def profile(self, model_class: str = "") -> RangeProfile:
-        notes = ["ONNX side: the exported graph in ONNX Runtime (optimizations off), ONNX functions inlined; "
-                 "nodes named by the PyTorch module of their scope; intermediates of fused ONNX ops recomputed "
-                 "from their inputs"]
+        notes = [("ONNX side: the exported graph in ONNX Runtime (optimizations off), ONNX functions inlined; "
+                  "nodes named by the PyTorch module of their scope; intermediates of fused ONNX ops recomputed "
+                  "from their inputs")]
         return RangeProfile(list(self._records.values()), model_class, self.inputs, notes, source="onnx")
 
 

@@ -6,7 +6,6 @@ import torch
 from qeff_lab import QEFFAutoModel, QEFFAutoModelForCausalLM
 from qeff_lab.precision import FP16_MAX, analyze
 from qeff_lab.precision.npi import write_npi_yaml
-
 from tests.precision.real_models import tiny_llama
 
 

@@ -244,11 +244,7 @@ def find_fp32_islands(model: nn.Module, inputs: Any, tokenizer=None, *, metric: 
     with timed() as elapsed:
         ref = run(model)
         units, worst, where = _units_by_risk(model, run)
-        low = fp16_weights(model)
-        if weights == "mxfp6":
-            from qeff_lab.precision.mx import mxfp6_weights
-
-            mxfp6_weights(low, inplace=True)
+        low = _low_precision(model, weights)
         rows: list[dict] = []
         cache: dict[frozenset, float] = {}
         bar = tqdm(total=max_evals, desc="fp32 island search", disable=not progress, leave=False)
@@ -310,6 +306,34 @@ def find_fp32_islands(model: nn.Module, inputs: Any, tokenizer=None, *, metric: 
         if npi_path is not None:
             write_island_yaml(result, onnx_model, npi_path)
     return result
+
+
+@torch.no_grad()
+def island_accuracy(model: nn.Module, inputs: Any, islands, tokenizer=None, *, metric: str = "token_match",
+                    weights: str | None = None) -> float:
+    """`metric` against fp32 of emulated fp16 (+ MXFP6 weights) with the modules `islands` in fp32: e.g. the
+    findings-based islands (`findings.modules(...)`), to compare with a search's result."""
+    from qeff_lab.precision.analyze import _inputs_list
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    run = _runs(model, _inputs_list(inputs, tokenizer))
+    ref = run(model)
+    low = _low_precision(model, weights)
+    with Fp16IslandEmulation(low, islands):
+        return _score(metric, ref, run(low))
+
+
+def _low_precision(model: nn.Module, weights: str | None) -> nn.Module:
+    """A copy with fp16 weights (and MXFP6 MatMul weights when `weights == "mxfp6"`)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be None (fp16 weights) or 'mxfp6', got {weights!r}")
+    low = fp16_weights(model)
+    if weights == "mxfp6":
+        from qeff_lab.precision.mx import mxfp6_weights
+
+        mxfp6_weights(low, inplace=True)
+    return low
 
 
 def island_nodes(islands: list[str], reasons: dict[str, str], onnx_model) -> list[str]:

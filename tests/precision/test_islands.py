@@ -7,13 +7,8 @@ import torch
 import yaml
 
 from qeff_lab import QEFFAutoModelForCausalLM
-from qeff_lab.precision import analyze, fp16_weights
-from qeff_lab.precision.islands import (
-    Fp16IslandEmulation,
-    _runs,
-    _score,
-    find_fp32_islands,
-)
+from qeff_lab.precision import analyze
+from qeff_lab.precision.islands import find_fp32_islands, island_accuracy
 from tests.precision.real_models import smollm2, tiny_llama
 
 
@@ -37,11 +32,7 @@ def test_islands_reach_the_target_and_the_yaml_is_what_compile_accepts(hot_llama
     assert set(steps["phase"]) >= {"baseline", "bisect by range"} and len(steps) <= 24
     assert result.islands and all("norm" in m for m in result.islands)  # the search lands on the norms
     # re-run: the islands it reports do reach the target
-    low = fp16_weights(qeff.model)
-    run = _runs(qeff.model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
-    ref = run(qeff.model)
-    with Fp16IslandEmulation(low, result.islands):
-        assert _score("kl", ref, run(low)) == pytest.approx(result.value)
+    assert island_accuracy(qeff.model, ids, result.islands, metric="kl") == pytest.approx(result.value)
     # the YAML: one node per island (the CustomRMSNorm call), each with its reason; the compile step checks it
     text = (tmp_path / "islands.yaml").read_text()
     names = yaml.safe_load(text)["FP32NodeInstanceNames"]
@@ -73,13 +64,24 @@ def test_smollm2_islands_are_no_more_than_the_findings_and_as_accurate():
     findings = analyze(model, ids, progress=False).findings
     from_findings = findings.modules("norm-square")
     result = find_fp32_islands(model, ids, metric="token_match", target=1.0, max_evals=16, progress=False)
-    low = fp16_weights(model)
-    run = _runs(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
-    ref = run(model)
-    with Fp16IslandEmulation(low, from_findings):
-        findings_accuracy = _score("token_match", ref, run(low))
+    findings_accuracy = island_accuracy(model, ids, from_findings, metric="token_match")
     print(result.summary())
     assert result.baseline < 0.5 and findings_accuracy == 1.0
     assert result.reached and result.value == findings_accuracy
     assert 0 < len(result.islands) <= len(from_findings)
     assert len(result.steps) <= 16  # runs; each one emulated forward of one short prompt (seconds: noisy here)
+
+
+def test_mxfp6_weights_and_an_unreachable_target_are_reported(hot_llama):
+    qeff, ids = hot_llama
+    reachable = find_fp32_islands(qeff.model, ids, metric="cosine", target=0.9, weights="mxfp6", progress=False)
+    assert reachable.reached and reachable.value >= 0.9 > reachable.baseline and reachable.weights == "mxfp6"
+    assert "fp16 + MXFP6 weights" in reachable.summary()
+    fig = reachable.plot()
+    assert fig.axes[0].get_ylabel() == "cosine"
+    # MXFP6 weights stay MXFP6 in an fp32 island: a zero-KL target cannot be reached by islands (a plain HF
+    # model here: its logits are not saturated like the hot model's)
+    out_of_reach = find_fp32_islands(tiny_llama(seed=1), ids, metric="kl", target=0.0, weights="mxfp6",
+                                     progress=False)
+    assert not out_of_reach.reached and out_of_reach.islands == [] and "relax the target" in out_of_reach.notes[0]
+    assert list(out_of_reach.steps["units_fp32"]) == [0, out_of_reach.units]

@@ -92,3 +92,20 @@ def test_bad_requests_say_what_to_do(llama):
         analyze(qeff.model, ids, on="tflite")
     with pytest.raises(ValueError, match="max_outputs"):
         analyze(qeff.model, ids, on="onnx", onnx_model=qeff.export(), max_outputs=0)
+
+
+@pytest.mark.slow
+def test_smollm2_onnx_side_names_the_same_cause_inside_custom_rms_norm():
+    """The real case: the square of SmolLM2's residual stream (~6.2e8) inside each CustomRMSNorm's body."""
+    from tests.precision.real_models import SMOLLM2, chat_ids
+
+    qeff = QEFFAutoModelForCausalLM.from_pretrained(SMOLLM2)
+    ids = chat_ids(qeff.tokenizer, "What is the capital of France?")
+    torch_side = qeff.analyze(ids, progress=False)
+    onnx_side = qeff.analyze(ids, on="onnx", progress=False)
+    assert _causes(onnx_side) == _causes(torch_side)
+    cause = onnx_side.findings.causes()[0]
+    assert (cause.kind, cause.module_class, cause.fix) == ("norm-square", "QEffLlamaRMSNorm", "SafeNorm")
+    assert len(cause.modules) >= 40 and 5e8 < cause.worst.value < 8e8
+    assert (cause.worst.op_type, cause.worst.function) == ("Pow", "CustomRMSNorm")
+    assert onnx_side.findings.counts()["places"] == torch_side.findings.counts()["places"]

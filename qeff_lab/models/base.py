@@ -340,18 +340,39 @@ class QEFFBaseModel(HtmlRepr):
         return self._session
 
     # ------------------------------------------------------------------ precision
-    def analyze(self, prompts, **options):
+    def analyze(self, prompts, on: str = "pytorch", **options):
         """Profile calibration `prompts` (text, or token ids) in fp32 and list where fp16 would overflow or
         underflow, by module path and op (qeff_lab.precision.analyze; options: decode_steps, per_step, ...).
-        Works before or after transforms; recorded as the "analyze" step. Returns a PrecisionReport."""
+        Works before or after transforms; recorded as the "analyze" step. Returns a PrecisionReport.
+        `on="onnx"`: the exported graph (exported first when needed) in ONNX Runtime, functions inlined, each
+        finding naming its ONNX node, op type, function and module (what the compiler gets)."""
         from qeff_lab.precision import analyze
 
         texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                              and all(isinstance(p, str) for p in prompts))
-        report = analyze(self.model, prompts, self.tokenizer if texts else None, **options)
+        if on == "onnx":
+            options["onnx_model"] = self.export() if self.export_result is None else self.export_result.path
+        report = analyze(self.model, prompts, self.tokenizer if texts else None, on=on, **options)
         self.precision_report = report
         self._record(StepReport(Step.ANALYZE, "done", report.seconds, report.summary(), report))
         return report
+
+    def find_fp32_islands(self, prompts, metric: str = "token_match", target: float | None = None,
+                          weights: str | None = None, npi_path: str | Path | None = None, **options):
+        """Search the fewest modules to keep in fp32 so emulated fp16 (`weights="mxfp6"`: + MXFP6 weights)
+        reaches `target` in `metric` ("token_match", "kl", "cosine") against fp32 on `prompts` (a few short
+        ones), then write the NPI YAML for the exported graph (exported first when needed) to `npi_path`
+        (default: the artifact cache's npi/ folder). Delegates to qeff_lab.precision.islands; returns its
+        IslandSearch (islands, reasons, the accuracy of every step, the YAML's path and nodes)."""
+        from qeff_lab.pipeline import cache_root
+        from qeff_lab.precision.islands import find_fp32_islands
+
+        texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                             and all(isinstance(p, str) for p in prompts))
+        onnx_path = self.export() if self.export_result is None else self.export_result.path
+        npi_path = npi_path or cache_root() / "npi" / f"{safe_name(self.model_name)}-{onnx_path.parent.name}-fp32-islands.yaml"
+        return find_fp32_islands(self.model, prompts, self.tokenizer if texts else None, metric=metric, target=target,
+                                 weights=weights, onnx_model=onnx_path, npi_path=npi_path, **options)
 
     def fix_precision(self, report=None) -> StepReport:
         """Apply the exact fixes the findings call for (qeff_lab.precision.apply_fixes: overflow-safe norms,

@@ -25,10 +25,11 @@ class PrecisionReport(HtmlRepr):
     seconds: float = 0.0
 
     def summary(self) -> str:
-        errors = sum(f.severity == "error" for f in self.findings)
-        hidden = sum(not f.visible_at_output for f in self.findings if f.severity == "error")
-        return (f"{self.inputs} input(s), {self.tokens} tokens: {len(self.profile.records)} sites profiled, "
-                f"{errors} overflow finding(s) ({hidden} hidden inside modules)")
+        """One line: what was profiled (sites) and the findings' headline (causes over places; see findings.py)."""
+        where = "" if self.profile.source == "pytorch" else f" on the {self.profile.source.upper()} graph"
+        sites = len({r.place for r in self.profile.records})
+        return (f"{self.inputs} input(s), {self.tokens} tokens{where}: {sites} sites profiled; "
+                f"{self.findings.headline()}")
 
     def __repr__(self) -> str:
         return f"<PrecisionReport {self.summary()}>"
@@ -87,17 +88,35 @@ def _cache_of(out):
                                                                                                 None)
 
 
+ANALYZE_ON = ("pytorch", "onnx")
+
+
 @torch.no_grad()
-def analyze(model: torch.nn.Module, inputs: Any, tokenizer=None, *, decode_steps: int = 0, per_step: bool = False,
-            module_outputs: bool = True, progress: bool = True, **finding_options) -> PrecisionReport:
+def analyze(model: torch.nn.Module | None, inputs: Any, tokenizer=None, *, on: str = "pytorch", onnx_model=None,
+            decode_steps: int = 0, per_step: bool = False, module_outputs: bool = True, progress: bool = True,
+            max_outputs: int = 512, **finding_options) -> PrecisionReport:
     """Run `inputs` (text prompts with `tokenizer`, token ids, or tokenizer output) through `model` in fp32
     with a RangeProfiler, then draw the findings (options go to `find_issues`).
 
     For causal LMs, `decode_steps > 0` also profiles that many greedy decode steps after each prompt
-    (with the model's cache); with `per_step=True` the profile keeps them apart (step 0 = the prompt)."""
+    (with the model's cache); with `per_step=True` the profile keeps them apart (step 0 = the prompt).
+
+    `on="onnx"`: profile the exported graph `onnx_model` (path or ModelProto) in ONNX Runtime instead, its
+    functions' bodies inlined, `max_outputs` values fetched per run (precision.onnx_profile); `model` (the
+    PyTorch model it was exported from, or None) names each node's module and class. Retained-state graphs
+    run each prompt as one prefill (no decode steps)."""
     from tqdm.auto import tqdm
 
+    if on not in ANALYZE_ON:
+        raise ValueError(f"on must be one of {ANALYZE_ON}, got {on!r}")
     batches = _inputs_list(inputs, tokenizer)
+    if on == "onnx":
+        if onnx_model is None:
+            raise ValueError("analyze(on='onnx') needs the exported graph: pass onnx_model=<path or ModelProto> "
+                             "(e.g. qeff_model.export()), or use qeff_model.analyze(prompts, on='onnx').")
+        return _analyze_onnx(model, onnx_model, batches, max_outputs, progress, finding_options)
+    if model is None:
+        raise ValueError("analyze() needs the PyTorch model (or on='onnx' with onnx_model=...).")
     if hasattr(model, "new_kv_cache"):  # a retained-state (KV-transformed) model: its own calling convention
         return _analyze_retained(model, batches, decode_steps, per_step, module_outputs, progress, finding_options)
     causal = _is_causal_lm(model)
@@ -153,3 +172,28 @@ def _analyze_retained(model, batches, decode_steps, per_step, module_outputs, pr
     return PrecisionReport(profile, find_issues(profile, **finding_options), weight_ranges(model), len(batches),
                            tokens, elapsed())
 
+
+
+def _analyze_onnx(model, onnx_model, batches, max_outputs, progress, finding_options) -> PrecisionReport:
+    """The exported graph in ONNX Runtime: decoders (a position_ids input) one unpadded prompt per run,
+    encoders one batch per run."""
+    from tqdm.auto import tqdm
+
+    from qeff_lab.contracts import POSITION_IDS
+    from qeff_lab.precision.onnx_profile import OnnxRangeProfiler, onnx_feeds
+
+    modules = {path or "<root>": type(m).__name__ for path, m in model.named_modules()} if model is not None else None
+    tokens = 0
+    with timed() as elapsed:
+        prof = OnnxRangeProfiler(onnx_model, modules, max_outputs)
+        decoder = POSITION_IDS in prof.input_names
+        for enc in tqdm(batches, desc="profiling (ONNX)", disable=not progress or len(batches) < 2, leave=False):
+            ids, mask = enc["input_ids"].numpy(), enc["attention_mask"].numpy()
+            rows = [(r[m.astype(bool)][None], None) for r, m in zip(ids, mask)] if decoder else [(ids, mask)]
+            for row_ids, row_mask in rows:
+                prof.run(onnx_feeds(prof.graph_inputs, row_ids, row_mask))
+                tokens += int(row_ids.size if row_mask is None else row_mask.sum())
+    profile = prof.profile(type(model).__name__ if model is not None else "")
+    weights = weight_ranges(model) if model is not None else pd.DataFrame()
+    return PrecisionReport(profile, find_issues(profile, **finding_options), weights, len(batches), tokens,
+                           elapsed())

@@ -20,6 +20,13 @@ Kinds (and the fix each suggests; "exact" fixes compute the same function in fp3
 One cause (`Findings.causes()`) gathers the findings of one kind in one kind of module (e.g. every
 LlamaRMSNorm whose square overflows): `Findings.to_frame()` has one row per cause, worst first (severity,
 then how many times past the limit); `places_frame()` lists every place with the cause it belongs to.
+
+Counts (one number per concept; every repr, summary and view uses `Findings.counts()` / `headline()`):
+  site    a profiled (module path, op[, intermediate][, ONNX node]) record of a RangeProfile: the profile's count;
+  place   a site with a finding: one Finding, one row of `places_frame()` ("over M places");
+  module  a distinct module path among the places;
+  cause   a group of places (`causes()`, one row of `to_frame()`): "N causes over M places". A cause's
+          severity is its worst place's; "1 error" counts causes, and `error_places` the places of severity error.
 """
 from __future__ import annotations
 
@@ -98,6 +105,9 @@ class Finding:
     visible_at_output: bool = True  # False: the module's own output looks fine, the overflow is inside
     n_over: int = 0
     intermediate: str = ""  # the value formed inside a fused op (fused.INTERMEDIATES); "" for the op's result
+    node: str = ""  # ONNX-side findings: the node (inlined graph), its op type and the function it came from
+    op_type: str = ""
+    function: str = ""
 
     @property
     def reason(self) -> str:
@@ -188,7 +198,7 @@ class Cause:
 CAUSE_COLUMNS = ["cause", "severity", "kind", "modules", "places", "module_class", "ops", "intermediates", "value",
                  "limit", "times_limit", "fix", "remedy", "worst_place"]
 PLACE_COLUMNS = ["cause_id", "severity", "kind", "place", "module", "op", "intermediate", "value", "limit",
-                 "visible_at_output", "fix", "suggestion"]
+                 "visible_at_output", "fix", "suggestion", "node", "op_type", "function"]
 
 
 class Findings(list, HtmlRepr):
@@ -246,13 +256,30 @@ class Findings(list, HtmlRepr):
             places=("place", "size"), hidden=("hidden", "sum"), worst=("value", "max"), fix=("fix", "first"))
         return out.reset_index()
 
-    def __repr__(self) -> str:
+    def counts(self) -> dict[str, int]:
+        """The numbers every summary shows (definitions in the module docstring): causes, places, modules;
+        causes per severity (error / warning / info), and places of severity error (`error_places`)."""
         causes = self.causes()
-        counts = {s: sum(c.severity == s for c in causes) for s in SEVERITY_ORDER}
-        kinds = ", ".join(f"{k} {n}" for k, n in pd.Series([c.kind for c in causes]).value_counts().items()) \
-            if causes else "none"
-        return (f"<Findings: {len(causes)} cause(s) ({counts['error']} error, {counts['warning']} warning, "
-                f"{counts['info']} info: {kinds}) over {len(self)} place(s)>")
+        return {"causes": len(causes), "places": len(self), "modules": len(self.modules()),
+                **{s: sum(c.severity == s for c in causes) for s in SEVERITY_ORDER},
+                "error_places": sum(f.severity == "error" for f in self)}
+
+    def headline(self) -> str:
+        """'4 causes over 129 places in 58 modules (1 error, 3 warnings, 0 info)': the one summary line."""
+        n = self.counts()
+        if not n["places"]:
+            return "no findings"
+
+        def plural(k: int, word: str) -> str:
+            return f"{k} {word}" + ("" if k == 1 else "s")
+
+        return (f"{plural(n['causes'], 'cause')} over {plural(n['places'], 'place')} in "
+                f"{plural(n['modules'], 'module')} ({plural(n['error'], 'error')}, "
+                f"{plural(n['warning'], 'warning')}, {n['info']} info)")
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{k} {n}" for k, n in pd.Series([c.kind for c in self.causes()]).value_counts().items())
+        return f"<Findings: {self.headline()}" + (f"; causes by kind: {kinds}>" if kinds else ">")
 
 
 def _is_norm(cls_name: str) -> bool:
@@ -302,9 +329,9 @@ def _fix_for(kind: str, r: OpRange, merged: dict) -> tuple[str, str]:
         # The unscaled product overflows but the scaled scores fit: fold the scale into q.
         scaled = None
         if r.intermediate == "qk_product":
-            scaled = merged.get((r.module, r.op, "attn_scores"))
-        elif r.op == "matmul" and not r.intermediate:  # eager attention: matmul, then * scaling
-            scaled = merged.get((r.module, "mul", ""))
+            scaled = merged.get((r.module, r.op, "attn_scores", r.node))
+        elif r.op == "matmul" and not r.intermediate and not r.node:  # eager attention: matmul, then * scaling
+            scaled = merged.get((r.module, "mul", "", ""))
         if scaled is not None and scaled.abs_max <= FP16_MAX:
             return "PrescaledAttention", ALT_FIXES["PrescaledAttention"]
     return fix, text
@@ -332,10 +359,12 @@ def find_issues(profile: RangeProfile, near_bits: float = 1.0, underflow_frac: f
     them, so one overflow is not listed twice. Group them with `.causes()` / `.to_frame()`.
     """
     merged = profile.merged()
-    out_max = {m: r.abs_max for (m, op, _), r in merged.items() if op == OUTPUT}
-    inner_over = {m for (m, op, _), r in merged.items() if op != OUTPUT and r.abs_max > FP16_MAX}
+    out_max = {r.module: r.abs_max for r in merged.values() if r.op == OUTPUT}
+    inner_over = {r.module for r in merged.values() if r.op != OUTPUT and r.abs_max > FP16_MAX}
     findings = Findings()
-    for (module, op, inter), r in merged.items():
+    for r in merged.values():
+        module, op, inter = r.module, r.op, r.intermediate
+        where = {"node": r.node, "op_type": r.op_type, "function": r.function}
         if op == OUTPUT and not include_outputs:
             continue
         visible = out_max.get(module, r.abs_max) > FP16_MAX if op != OUTPUT else True
@@ -345,15 +374,15 @@ def find_issues(profile: RangeProfile, near_bits: float = 1.0, underflow_frac: f
             kind = classify(r)
             fix, text = _fix_for(kind, r, merged)
             findings.append(Finding(r.place, module, op, kind, _severity(kind, r), r.abs_max, FP16_MAX, fix, text,
-                                    r.module_class, visible, r.n_over, inter))
+                                    r.module_class, visible, r.n_over, inter, **where))
         elif r.abs_max > FP16_MAX / 2 ** near_bits and inter not in _SUM_INTERMEDIATES:
             fix, text = FIXES["near-overflow"]
             findings.append(Finding(r.place, module, op, "near-overflow", "warning", r.abs_max, FP16_MAX, fix, text,
-                                    r.module_class, visible, 0, inter))
+                                    r.module_class, visible, 0, inter, **where))
         if r.frac_flush > underflow_frac and op not in _BENIGN_UNDERFLOW_OPS and not inter:  # a site can do both
             fix, text = FIXES["underflow"]
             findings.append(Finding(r.place, module, op, "underflow", "info", r.frac_flush, underflow_frac, fix,
-                                    text, r.module_class, True, 0))
+                                    text, r.module_class, True, 0, **where))
     findings.sort(key=lambda f: (SEVERITY_ORDER[f.severity], layer_of(f.module) if layer_of(f.module) is not None
                                  else -1, -f.value))
     return findings

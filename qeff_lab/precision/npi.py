@@ -62,12 +62,20 @@ def _in_scope(scope: str, module: str) -> bool:
     return scope == module or scope.endswith("." + module) or (module in ("<root>", "") and True)
 
 
-def map_finding(finding: Finding, model: onnx.ModelProto) -> list[str]:
-    """ONNX node output names that carry `finding`'s op inside its module (empty when none match)."""
+def map_finding(finding: Finding, model: onnx.ModelProto, whole_module: bool = False) -> list[str]:
+    """ONNX node output names that carry `finding`'s op inside its module (empty when none match).
+    An ONNX-side finding names its node: that node, or for a node inlined from a function (`<call>/<body
+    node>`) the call node, which is what the compiler sees. `whole_module`: every computing node the module's
+    scope holds directly (an fp32 island)."""
+    if getattr(finding, "node", ""):
+        by_name = {n.name: n for n in model.graph.node}
+        hit = by_name.get(finding.node) or by_name.get(finding.node.rsplit("/", 1)[0])
+        if hit is not None and hit.output:
+            return [hit.output[0]]
     nodes = [n for n in model.graph.node if n.output and _scope_of(n) and _in_scope(_scope_of(n), finding.module)]
     direct = [n for n in nodes if _scope_of(n).endswith(finding.module)]  # the module itself, not its children
     direct = direct or nodes
-    if finding.kind == "norm-square":
+    if finding.kind == "norm-square" or whole_module:
         picked = [n for n in direct if n.op_type not in _SKIP_TYPES or n.domain not in ("", "ai.onnx")]
     else:
         wanted = ONNX_TYPES.get(finding.op, set())

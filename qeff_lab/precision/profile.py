@@ -78,6 +78,16 @@ def site_of(path: str, op: str, intermediate: str = "") -> str:
     return f"{inner or 'block'}: {op}" + (f" [{intermediate}]" if intermediate else "")
 
 
+def place_of(module: str, op: str, intermediate: str = "", node: str = "", op_type: str = "",
+             function: str = "") -> str:
+    """`model.layers.7.input_layernorm: pow` (PyTorch side), `...: layer_norm [centered_square]` (inside a fused
+    op), `...: pow (Pow in CustomRMSNorm, node n2__7)` (ONNX side)."""
+    text = f"{module}: {op}" + (f" [{intermediate}]" if intermediate else "")
+    if node:
+        text += f" ({op_type}" + (f" in {function}" if function else "") + f", node {node})"
+    return text
+
+
 @dataclass
 class OpRange:
     """Running range statistics of one (module, op[, step]) site."""
@@ -95,6 +105,11 @@ class OpRange:
     n_flush: int = 0
     n_nonfinite: int = 0
     intermediate: str = ""  # a value formed inside a fused op (fused.INTERMEDIATES); "" for the op's result
+    # Set by the ONNX-side profile (precision.onnx_profile): the node (name in the inlined graph), its op type,
+    # and the ONNX function whose body it came from ("" outside functions). "" on the PyTorch side.
+    node: str = ""
+    op_type: str = ""
+    function: str = ""
 
     def add(self, stats: tuple) -> None:
         n, hi, lo, over, sub, flush, nonfinite = stats
@@ -113,8 +128,13 @@ class OpRange:
         self.calls += other.calls - 1
 
     @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What identifies a site: (module, op, intermediate, ONNX node)."""
+        return self.module, self.op, self.intermediate, self.node
+
+    @property
     def place(self) -> str:
-        return f"{self.module}: {self.op}" + (f" [{self.intermediate}]" if self.intermediate else "")
+        return place_of(self.module, self.op, self.intermediate, self.node, self.op_type, self.function)
 
     @property
     def headroom_bits(self) -> float:
@@ -134,8 +154,8 @@ class OpRange:
 
 
 COLUMNS = ["module", "op", "intermediate", "module_class", "layer", "site", "step", "calls", "numel", "abs_max",
-           "min_nonzero",
-           "n_over", "frac_subnormal", "frac_flush", "n_nonfinite", "headroom_bits"]
+           "min_nonzero", "n_over", "frac_subnormal", "frac_flush", "n_nonfinite", "headroom_bits", "node", "op_type",
+           "function"]
 
 
 @dataclass
@@ -146,6 +166,7 @@ class RangeProfile(HtmlRepr):
     model_class: str = ""
     inputs: int = 0
     notes: list[str] = field(default_factory=list)
+    source: str = "pytorch"  # "pytorch" (RangeProfiler) or "onnx" (onnx_profile: the exported graph in ORT)
 
     def to_frame(self) -> pd.DataFrame:
         rows = [{"module": r.module, "op": r.op, "intermediate": r.intermediate, "module_class": r.module_class,
@@ -153,18 +174,20 @@ class RangeProfile(HtmlRepr):
                  "calls": r.calls, "numel": r.numel,
                  "abs_max": r.abs_max, "min_nonzero": r.min_nonzero, "n_over": r.n_over,
                  "frac_subnormal": r.frac_subnormal, "frac_flush": r.frac_flush, "n_nonfinite": r.n_nonfinite,
-                 "headroom_bits": r.headroom_bits} for r in self.records]
+                 "headroom_bits": r.headroom_bits, "node": r.node, "op_type": r.op_type, "function": r.function}
+                for r in self.records]
         return pd.DataFrame(rows, columns=COLUMNS)
 
-    def merged(self) -> dict[tuple[str, str, str], OpRange]:
-        """(module, op, intermediate) -> one record over all steps (the records themselves when not profiled
-        per step)."""
-        out: dict[tuple[str, str, str], OpRange] = {}
+    def merged(self) -> dict[tuple[str, str, str, str], OpRange]:
+        """(module, op, intermediate, node) -> one record over all steps (the records themselves when not
+        profiled per step)."""
+        out: dict[tuple[str, str, str, str], OpRange] = {}
         for r in self.records:
-            key = (r.module, r.op, r.intermediate)
+            key = r.key
             if key not in out:
                 out[key] = r if r.step is None else OpRange(r.module, r.op, r.module_class,
-                                                            intermediate=r.intermediate)
+                                                            intermediate=r.intermediate, node=r.node,
+                                                            op_type=r.op_type, function=r.function)
             if r.step is not None:
                 out[key].merge(r)
         return out
@@ -173,9 +196,13 @@ class RangeProfile(HtmlRepr):
         """The record of one site, merged over steps when profiled per step. `get(m, "attn_scores")` also
         finds an intermediate by its own name when no op is called that."""
         merged = self.merged()
-        hit = merged.get((module, op, intermediate or ""))
+        hit = merged.get((module, op, intermediate or "", ""))
+        if hit is None:  # an ONNX-side profile: the worst node of that op in that module
+            hits = [r for r in merged.values() if r.module == module and r.op == op
+                    and r.intermediate == (intermediate or "")]
+            hit = max(hits, key=lambda r: r.abs_max) if hits else None
         if hit is None and intermediate is None:
-            hit = next((r for (m, _, i), r in merged.items() if m == module and i == op), None)
+            hit = next((r for r in merged.values() if r.module == module and r.intermediate == op), None)
         return hit
 
     def overflowing(self) -> list[OpRange]:
@@ -200,8 +227,9 @@ class RangeProfile(HtmlRepr):
     def __repr__(self) -> str:
         over = len({r.place for r in self.overflowing()})
         modules = len({r.module for r in self.records})
-        return (f"<RangeProfile {self.model_class}: {len({r.place for r in self.records})} sites in {modules} modules, "
-                f"{over} above fp16 max>")
+        where = "" if self.source == "pytorch" else f" ({self.source})"
+        return (f"<RangeProfile {self.model_class}{where}: {len({r.place for r in self.records})} sites in {modules} "
+                f"modules, {over} above fp16 max>")
 
 
 class _OpMode(TorchFunctionMode):

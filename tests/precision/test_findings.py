@@ -31,7 +31,9 @@ def test_every_op_of_the_same_norm_kind_is_one_cause_sorted_by_how_far_past_the_
     places = findings.places_frame()
     assert len(places) == len(findings) and set(places["cause_id"]) == {0, 1, 2}
     assert (places.groupby("cause_id").size() == [18, 2, 1]).all()
-    assert "3 cause(s)" in repr(findings) and "over 21 place(s)" in repr(findings)
+    assert "3 causes over 21 places in 9 modules (2 errors, 1 warning, 0 info)" in repr(findings)
+    assert findings.counts() == {"causes": 3, "places": 21, "modules": 9, "error": 2, "warning": 1, "info": 0,
+                                 "error_places": 20}
 
 
 def test_the_view_shows_causes_expandable_to_places():

@@ -15,6 +15,7 @@ from qeff_lab.runtime.sampling import SamplingParams, resolve_sampling
 from qeff_lab.transforms.families import FAMILIES
 from qeff_lab.transforms.generic import check_support, generic_kv_transform, max_ctx_len
 from qeff_lab.transforms.kv_cache import Family, SwapResult, kv_cache_transform
+from qeff_lab.transforms.sampler import check_qaic_config, add_sampler
 
 RUNTIMES = ("compiled", "pytorch")
 
@@ -65,8 +66,9 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
     _hf_auto_class = "AutoModelForCausalLM"
     _kind = "causal_lm"
 
-    def __init__(self, model: nn.Module, resolved, continuous_batching: bool = False):
+    def __init__(self, model: nn.Module, resolved, continuous_batching: bool = False, qaic_config: dict | None = None):
         super().__init__(model, resolved)
+        self.qaic_config = check_qaic_config(qaic_config, model.config.vocab_size)  # include_sampler, ...
         self.family = FAMILIES.get(getattr(model.config, "model_type", None))  # None: the generic path
         if continuous_batching and self.family is None:
             raise UnsupportedModelError(
@@ -102,9 +104,10 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         cls.family_for(config, what)
 
     @classmethod
-    def _check_kind_options(cls, continuous_batching: bool = False, **options) -> None:
+    def _check_kind_options(cls, continuous_batching: bool = False, qaic_config: dict | None = None, **options) -> None:
         if not isinstance(continuous_batching, bool):
             raise ValueError(f"continuous_batching must be True or False, got {continuous_batching!r}")
+        check_qaic_config(qaic_config)
 
     @classmethod
     def _load_kwargs(cls, config) -> dict:
@@ -112,13 +115,14 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
 
     @classmethod
     def from_model(cls, model: nn.Module, name: str = "in-memory", transform: bool = True,
-                   continuous_batching: bool = False):
+                   continuous_batching: bool = False, qaic_config: dict | None = None):
         """Wrap an already-built HF causal LM (e.g. a tiny random config in a test). It is changed in place."""
         family = cls.family_for(model.config, type(model).__name__)
         if family is not None and not isinstance(model, family.causal_lm):
             raise UnsupportedModelError(f"{type(model).__name__} is a {family.name} model but not its causal LM "
                                         f"class {family.causal_lm.__name__}.")
-        return super().from_model(model, name=name, transform=transform, continuous_batching=continuous_batching)
+        return super().from_model(model, name=name, transform=transform, continuous_batching=continuous_batching,
+                                  qaic_config=qaic_config)
 
     @property
     def path(self) -> str:
@@ -177,12 +181,18 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         for name in past:
             axes[name] = axes[retained(name)] = {0: kv_axis, 2: "ctx_len"}
         options = {"model_type": self.model.config.model_type, "path": self.path}
+        module = KVExportWrapper(self.model)
         if self.continuous_batching:
             example[BATCH_INDEX] = torch.tensor([[2], [0]], dtype=torch.long)
             axes[BATCH_INDEX] = {0: "batch_size"}
             options["continuous_batching"] = True
-            return ExportSpec(KVExportWrapperCB(self.model), example, outputs, axes, options)
-        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes, options)
+            module = KVExportWrapperCB(self.model)
+        if self.qaic_config.get("include_sampler"):  # QEfficient's I/O: sampler inputs last, next_tokens first
+            module, example, outputs, axes = add_sampler(module, example, outputs, axes, len(past),
+                                                         self.model.config.vocab_size, self.continuous_batching,
+                                                         self.qaic_config)
+            options["qaic_config"] = self.qaic_config
+        return ExportSpec(module, example, outputs, axes, options)
 
     # ------------------------------------------------------------------ compile
     def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1, num_cores: int = 16,

@@ -106,7 +106,7 @@ def generate_continuous(
     check_prompts(prompt_ids, C)
     limits = request_limits(prompt_ids, generation_len, C)
     eos = set(eos_token_ids or [])
-    chooser = TokenChooser(prompt_ids, sampling, token_bitmasks)
+    chooser = TokenChooser.for_runner(runner, prompt_ids, sampling, token_bitmasks)
     metrics = ServingMetrics(prompts=len(prompt_ids), backend=getattr(runner, "backend", type(runner).__name__),
                              prompt_tokens=sum(map(len, prompt_ids)), full_batch_size=F)
     metrics.requests = [RequestMetrics(i, len(p)) for i, p in enumerate(prompt_ids)]
@@ -134,14 +134,15 @@ def generate_continuous(
             rm.prefill_start_s, rm.slot = t0 - start, slot
             row = prompt_ids[i]
             batch_index = np.array([[slot]], np.int64)
-            for c in range(-(-len(row) // P)):
+            chunks = -(-len(row) // P)
+            for c in range(chunks):
                 part = row[c * P:(c + 1) * P]
                 ids = np.full((1, P), pad_token_id, np.int64)
                 pos = np.full((1, P), -1, np.int64)
                 ids[0, :len(part)] = part
                 pos[0, :len(part)] = np.arange(c * P, c * P + len(part))
-                logits = runner.step(ids, pos, batch_index)[:, -1]
-            outputs[i].append(int(chooser.choose(logits, [i])[0]))
+                token = chooser.step(runner, ids, pos, batch_index, [i if c == chunks - 1 else None], decode=False)
+            outputs[i].append(int(token[0]))
             t1 = time.perf_counter()
             rm.first_token_s = t1 - start
             metrics.prefill_s += t1 - t0
@@ -166,11 +167,10 @@ def generate_continuous(
             ids[s, 0] = outputs[i][-1]
             pos[s, 0] = len(prompt_ids[i]) + len(outputs[i]) - 1
         t0 = time.perf_counter()
-        logits = runner.step(ids, pos, batch_index)[:, -1]
-        tokens = chooser.choose(logits[active], [slot_request[s] for s in active])
+        tokens = chooser.step(runner, ids, pos, batch_index, slot_request, decode=True)
         metrics.decode_s += time.perf_counter() - t0
         metrics.decode_steps += 1
-        for s, token in zip(active, tokens):
+        for s, token in zip(active, tokens[active]):
             i = slot_request[s]
             outputs[i].append(int(token))
             metrics.decode_tokens += 1

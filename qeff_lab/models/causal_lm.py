@@ -267,7 +267,9 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             if self.continuous_batching and fbs is None:
                 raise RuntimeError("A continuous-batching model runs on the PyTorch runtime with compile()'s "
                                    "full_batch_size: call compile(..., full_batch_size=N) first.")
-            return TorchKVRunner(self.model, shapes["batch_size"], shapes["prefill_seq_len"], shapes["ctx_len"], fbs)
+            runner = TorchKVRunner(self.model, shapes["batch_size"], shapes["prefill_seq_len"], shapes["ctx_len"], fbs)
+            runner.max_top_k_ids = self.qaic_config.get("max_top_k_ids")  # as the in-graph sampler draws (or None)
+            return runner
         if self.compile_result is None:
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet "
                                "(or pass runtime='pytorch' to run the transformed PyTorch model).")

@@ -289,7 +289,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                  top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
                  repetition_penalty: float | None = None, presence_penalty: float | None = None,
                  seed: int | None = None, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-                 token_bitmasks=None) -> GenerationResult:
+                 token_bitmasks=None, **serving) -> GenerationResult:
         """Generation for `prompts` (chat templates are the caller's job): greedy by default; `do_sample=True`
         with temperature / top_k / top_p / min_p / repetition_penalty (HF's meanings), presence_penalty
         (OpenAI's), `seed` for reproducible draws; or `sampling=` one SamplingParams per prompt. `token_bitmasks`
@@ -297,7 +297,8 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         `generation_len`: one limit, or one per prompt; None: as long as the context allows; longer than
         `ctx_len - prompt_len` is clamped with a warning. Without continuous batching, prompts beyond the
         compiled batch size run in successive batches; with it (compile(full_batch_size=N)) requests share the N
-        slots, a finished one handing its slot to the next waiting prompt, and metrics come per request.
+        slots, a finished one handing its slot to the next waiting prompt, and metrics come per request;
+        `serving` options go to that loop (`prefix_caching=True`, `on_event=` a live view's callback).
         Returns texts, ids and metrics; prints the metrics like QEfficient (verbose) and streams text as it comes
         (stream=True: the first prompt of each batch live, the others when their batch ends)."""
         runner = self.runner(runtime, device_ids)
@@ -320,7 +321,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         ids, stopped, metrics = self._generate_ids(
             runner, prompt_ids, generation_len, self.eos_token_ids(tokenizer),
             on_tokens=streamer.on_tokens if streamer else None, pad_token_id=tokenizer.pad_token_id or 0,
-            sampling=params, token_bitmasks=token_bitmasks)
+            sampling=params, token_bitmasks=token_bitmasks, **serving)
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
         if streamer:
             streamer.finish(texts)
@@ -340,17 +341,21 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             from qeff_lab.runtime.continuous_batching import generate_continuous
 
             return generate_continuous(runner, prompt_ids, generation_len, eos_token_ids, **options)
+        serving = sorted(k for k in ("prefix_caching", "on_event") if options.pop(k, None))
+        if serving:
+            raise ValueError(f"{', '.join(serving)} need(s) continuous batching: load with continuous_batching=True "
+                             "and compile(..., full_batch_size=N).")
         return generate_ids(runner, prompt_ids, generation_len, eos_token_ids, **options)
 
     def generate_from_ids(self, prompt_ids: Sequence[Sequence[int]], generation_len: int | Sequence[int | None] | None = None,
                           eos_token_ids: Sequence[int] | None = None, *, runtime: str = "compiled",
                           sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-                          token_bitmasks=None) -> GenerationResult:
+                          token_bitmasks=None, **serving) -> GenerationResult:
         """Token ids in, token ids out (no tokenizer): the loop parity tests drive."""
         runner = self.runner(runtime)
         params = resolve_sampling(len(prompt_ids), sampling)
         ids, stopped, metrics = self._generate_ids(runner, prompt_ids, generation_len, eos_token_ids,
-                                                   sampling=params, token_bitmasks=token_bitmasks)
+                                                   sampling=params, token_bitmasks=token_bitmasks, **serving)
         return GenerationResult(ids, [list(p) for p in prompt_ids], metrics, None, None, stopped)
 
 

@@ -55,6 +55,12 @@ class TorchKVRunner:
             self.batch_size = full_batch_size
         self.cache = model.new_kv_cache(full_batch_size or batch_size, ctx_len)
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Continuous batching, prefix reuse: KV positions [0, length) of slot `src` copied into slot `dst`."""
+        for key, value in self.cache:
+            key[dst, :, :length] = key[src, :, :length]
+            value[dst, :, :length] = value[src, :, :length]
+
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
         from qeff_lab.runtime.kv_session import check_batch_index
 

@@ -82,6 +82,15 @@ class OrtKVSession:
         """A numpy copy of the retained cache (for inspection and tests)."""
         return {name: v.numpy().copy() for name, v in self._buffers[self._current].items()}
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Continuous batching, prefix reuse: KV positions [0, length) of slot `src` copied into slot `dst`."""
+        for name in self.kv_inputs:
+            if name.startswith(("past_key", "past_value")):
+                buf = self._buffers[self._current][name]
+                arr = buf.numpy()
+                arr[dst, :, :length] = arr[src, :, :length]
+                buf.update_inplace(arr)
+
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None,
              **sampler_inputs: np.ndarray) -> np.ndarray:
         """One call; `batch_index` [batch, 1] (the KV slot of each row) exactly when continuous batching. Returns

@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from qeff_lab.pipeline import HtmlRepr
 from qeff_lab.runtime.generation import GenerationMetrics, check_prompts, request_limits
 from qeff_lab.runtime.sampling import SamplingParams, TokenChooser
 
@@ -57,8 +58,8 @@ class RequestMetrics:
         return (self.generated_tokens - 1) / span if self.generated_tokens > 1 and span > 0 else float("nan")
 
 
-@dataclass
-class ServingMetrics(GenerationMetrics):
+@dataclass(repr=False)
+class ServingMetrics(GenerationMetrics, HtmlRepr):
     """Run figures (GenerationMetrics; `ttft_s` is the mean TTFT of the requests, queue wait included) plus one
     RequestMetrics per request and the run's throughput (generated tokens / end-to-end seconds)."""
 

@@ -273,6 +273,10 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         if self.compile_result is None:
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet "
                                "(or pass runtime='pytorch' to run the transformed PyTorch model).")
+        if self.qaic_config.get("include_sampler") and self.compile_result.backend != "onnxruntime":
+            raise NotImplementedError("The in-graph sampler runs on the embedded ONNX Runtime backend for now: the "
+                                      "qaicrt runner does not feed its inputs yet. Compile with backend='onnxruntime', "
+                                      "or load without qaic_config for the card.")
         return self.session(device_ids)
 
     def eos_token_ids(self, tokenizer=None) -> list[int]:

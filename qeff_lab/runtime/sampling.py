@@ -1,6 +1,6 @@
 """Token choice after the logits: greedy, or sampling with HF's meanings, driven by explicit uniform random numbers.
 
-`SamplingParams` holds one request's settings (validated on construction). `process_logits` is the reference:
+`SamplingParams` holds one request's settings (validated on construction). `choose_tokens` is the reference:
 per-row parameters, vectorized, applied in HF's order
 
     token bitmask (guided decoding; masked -> -inf)
@@ -11,11 +11,16 @@ per-row parameters, vectorized, applied in HF's order
                                        MinPLogitsWarper, min_tokens_to_keep=1)
     -> sampling scores
 
-and `choose_tokens` picks argmax of the greedy scores (do_sample=False or temperature 0) or samples the sampling
-scores by the Gumbel-max trick over the top `K` candidates: candidate of rank r (descending) gets
-`-log(-log(u[r]))` from the uniforms `random_numbers [B, K]` and the largest sum wins (the same distribution as
-`torch.multinomial(softmax(scores))`, but reproducible from the numbers alone). `K = vocab_size` on the host;
-the in-graph sampler uses QEfficient's `max_top_k_ids` (the tail beyond the top K is never drawn there).
+and picks argmax of the greedy scores (do_sample=False or temperature 0) or samples by the Gumbel-max trick
+among the top `K` candidates of the greedy scores (`sample_top_k_ids`: the warpers run on those K): candidate of
+rank r (descending) gets `-log(-log(u[r]))` from the uniforms `random_numbers [B, K]` and the largest sum wins
+(the same distribution as `torch.multinomial(softmax(scores))`, but reproducible from the numbers alone).
+`K = vocab_size` on the host by default (exactly HF); the in-graph sampler (transforms.sampler, the same
+functions exported) uses QEfficient's `max_top_k_ids`, and a host sampler given the same K picks the same tokens.
+
+`TokenChooser.step` is what the generation loops call: it runs one runner step and returns the chosen ids, with
+the host sampler over the logits, or, when the graph has the sampler (`runner.include_sampler`), by feeding it
+`sampler_feeds` (QEfficient's input names) and reading `next_tokens`.
 
 `HostSampler` keeps each request's state (its generator, seen and generated tokens) so a request draws the
 same numbers however it is scheduled: its generator is seeded by `(seed, request index)`.

@@ -73,6 +73,7 @@ class SlotView:
         self.spans: dict[int, dict] = {}
         self.now_s = 0.0
         self._drawn = 0.0
+        self._handle = None
         self.widget = widgets.HTML(value=self.html())
 
     def on_event(self, kind: str, request: int, slot: int, seconds: float) -> None:
@@ -94,10 +95,19 @@ class SlotView:
         return timeline_html(list(self.spans.values()), self.full_batch_size, self.now_s,
                              title=f"{len(self.spans)} requests started, {running} running")
 
+    def show(self) -> None:
+        """Display the view and keep its display handle: `finish` then replaces the stored output too (the static
+        HTML fallback a saved notebook shows is the final timeline, not the empty one)."""
+        from IPython.display import display
+
+        self._handle = display(self, display_id=True)
+
     def finish(self, result) -> None:
         """The final picture from the run's ServingMetrics (or a GenerationResult holding them)."""
         metrics = getattr(result, "metrics", result)
         self.widget.value = render_serving(metrics)
+        if self._handle is not None:
+            self._handle.update(self)
 
     def _repr_mimebundle_(self, **kwargs):
         bundle = self.widget._repr_mimebundle_(**kwargs) or {}

@@ -183,7 +183,7 @@ def test_prefix_caching_on_smollm2_with_a_chat_template_system_prompt(smollm2_pa
     assert saved[0] == 0 and min(saved[1:]) >= shared - 8 and reused.metrics.prefill_tokens_saved == sum(saved)
 
 
-def test_prefix_caching_needs_continuous_batching_and_a_host_sampler(served):
+def test_prefix_caching_needs_continuous_batching(served):
     plain = QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=5), "tiny-plain-prefix")
     with pytest.raises(ValueError, match="prefix_caching need\\(s\\) continuous batching"):
         plain.generate_from_ids([[5, 6, 7]], 2, runtime="pytorch", prefix_caching=True)

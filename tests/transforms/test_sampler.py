@@ -106,3 +106,9 @@ def test_bad_qaic_config_is_a_clear_error():
 def test_bitmask_without_guided_decoding_is_a_clear_error():
     with pytest.raises(ValueError, match="include_guided_decoding"):
         TokenChooser([[1, 2]], token_bitmasks=np.ones(10, bool), in_graph=True, guided=False)
+
+
+def test_prefix_caching_with_the_in_graph_sampler_is_a_clear_error(pair):
+    sampler, _, prompt_ids = pair
+    with pytest.raises(ValueError, match="in-graph sampler, whose penalty history starts at position 0"):
+        sampler.generate_from_ids(prompt_ids[:2], 2, prefix_caching=True)

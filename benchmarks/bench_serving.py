@@ -74,12 +74,14 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["QEFF_LAB_THREADS"] = str(args.threads)
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qeff_lab import QEFFAutoModelForCausalLM
     from qeff_lab.loading import resolve
 
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
     info = {**machine(), "threads": args.threads, "load_before": os.getloadavg()}
     print(f"machine: {info['cpu']}, {info['cpus']} CPUs, {args.threads} threads; load average before "
           f"{' '.join(f'{x:.2f}' for x in info['load_before'])}")

@@ -23,6 +23,23 @@ NUM_LOGITS_TO_KEEP = "num_logits_to_keep"
 LOGITS = "logits"
 RETAINED_SUFFIX = "_RetainedState"  # an output that the device keeps in place of the input of the same stem
 
+# In-graph sampler (QEfficient's `qaic_config={"include_sampler": True}`): inputs after batch_index, in this order;
+# per-row parameters are [batch_size, 1], random_numbers [batch_size, max_top_k_ids], token_bitmasks
+# [batch_size, vocab] (only with include_guided_decoding); the two penalty buffers are retained state
+# [full_batch_size or batch_size, vocab] bool. Outputs: probs (only with return_pdfs), next_tokens, then the KV.
+LAST_ACCEPTED_OUTPUT_TOKENS = "last_accepted_output_tokens"
+REPETITION_BUFFER = "past_repetition_penalty_buffer"
+PRESENCE_BUFFER = "past_presence_penalty_buffer"
+SAMPLER_PARAMS = ("repetition_penalties", "presence_penalties", "temperatures", "top_ks", "top_ps", "min_ps")
+SAMPLER_INPUTS = (LAST_ACCEPTED_OUTPUT_TOKENS, REPETITION_BUFFER, "repetition_penalties", PRESENCE_BUFFER,
+                  "presence_penalties", "temperatures", "top_ks", "top_ps", "min_ps", "random_numbers")
+RANDOM_NUMBERS = "random_numbers"
+TOKEN_BITMASKS = "token_bitmasks"
+NEXT_TOKENS = "next_tokens"
+PROBS = "probs"
+QAIC_CONFIG_KEYS = ("include_sampler", "return_pdfs", "max_top_k_ids", "include_guided_decoding", "speculative_model_type")
+MAX_TOP_K_IDS = 512  # QEfficient's default max_top_k_ids
+
 
 def past_names(num_layers: int) -> list[str]:
     """`past_key.0, past_value.0, past_key.1, ...`: the retained KV inputs, in graph order."""

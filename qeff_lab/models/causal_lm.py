@@ -16,6 +16,7 @@ from qeff_lab.runtime.sampling import SamplingParams, resolve_sampling
 from qeff_lab.transforms.families import FAMILIES
 from qeff_lab.transforms.generic import check_support, generic_kv_transform, max_ctx_len
 from qeff_lab.transforms.kv_cache import Family, SwapResult, kv_cache_transform
+from qeff_lab.transforms.sampler import check_qaic_config, add_sampler
 
 RUNTIMES = ("compiled", "pytorch")
 
@@ -69,9 +70,6 @@ class KVExportWrapperTLM(nn.Module):
         return (logits, *[t for pair in new_past for t in pair])
 
 
-QAIC_CONFIG_KEYS = {"speculative_model_type": ("target",)}
-
-
 class QEFFAutoModelForCausalLM(QEFFBaseModel):
     """A causal LM prepared for Cloud AI 100 (or the embedded ONNX Runtime backend), its KV cache kept on the
     device between steps.
@@ -91,7 +89,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
 
     def __init__(self, model: nn.Module, resolved, continuous_batching: bool = False, qaic_config: dict | None = None):
         super().__init__(model, resolved)
-        self.qaic_config = dict(qaic_config or {})
+        self.qaic_config = check_qaic_config(qaic_config, model.config.vocab_size)  # include_sampler, ...
         self.is_tlm = self.qaic_config.get("speculative_model_type") == "target"  # QEfficient's attribute name
         self.family = FAMILIES.get(getattr(model.config, "model_type", None))  # None: the generic path
         if continuous_batching and self.family is None:
@@ -135,12 +133,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
     def _check_kind_options(cls, continuous_batching: bool = False, qaic_config: dict | None = None, **options) -> None:
         if not isinstance(continuous_batching, bool):
             raise ValueError(f"continuous_batching must be True or False, got {continuous_batching!r}")
-        if qaic_config is not None and not isinstance(qaic_config, dict):
-            raise ValueError(f"qaic_config must be a dict, got {qaic_config!r}")
-        for key, value in (qaic_config or {}).items():
-            if key not in QAIC_CONFIG_KEYS or value not in QAIC_CONFIG_KEYS[key]:
-                raise ValueError(f"qaic_config {{{key!r}: {value!r}}} is not supported; supported: "
-                                 f"{ {k: list(v) for k, v in QAIC_CONFIG_KEYS.items()} }.")
+        check_qaic_config(qaic_config)
 
     @classmethod
     def _load_kwargs(cls, config) -> dict:
@@ -215,18 +208,24 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         for name in past:
             axes[name] = axes[retained(name)] = {0: kv_axis, 2: "ctx_len"}
         options = {"model_type": self.model.config.model_type, "path": self.path}
+        module = KVExportWrapper(self.model)
         if self.continuous_batching:
             example[BATCH_INDEX] = torch.tensor([[2], [0]], dtype=torch.long)
             axes[BATCH_INDEX] = {0: "batch_size"}
             options["continuous_batching"] = True
-            return ExportSpec(KVExportWrapperCB(self.model), example, outputs, axes, options)
-        if self.is_tlm:
+            module = KVExportWrapperCB(self.model)
+        if self.is_tlm:  # not with continuous batching or the sampler (refused at load)
             example[NUM_LOGITS_TO_KEEP] = torch.arange(2).view(2, 1)
             axes[NUM_LOGITS_TO_KEEP] = {0: NUM_LOGITS_TO_KEEP}
             axes[LOGITS] = {0: "batch_size", 1: NUM_LOGITS_TO_KEEP}
             options["speculative_model_type"] = "target"
-            return ExportSpec(KVExportWrapperTLM(self.model), example, outputs, axes, options)
-        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes, options)
+            module = KVExportWrapperTLM(self.model)
+        if self.qaic_config.get("include_sampler"):  # QEfficient's I/O: sampler inputs last, next_tokens first
+            module, example, outputs, axes = add_sampler(module, example, outputs, axes, len(past),
+                                                         self.model.config.vocab_size, self.continuous_batching,
+                                                         self.qaic_config)
+            options["qaic_config"] = self.qaic_config
+        return ExportSpec(module, example, outputs, axes, options)
 
     # ------------------------------------------------------------------ compile
     def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1, num_cores: int = 16,
@@ -340,11 +339,17 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             if self.is_tlm and shapes.get("num_speculative_tokens") is None:
                 raise RuntimeError("A speculative-decoding target runs on the PyTorch runtime with compile()'s "
                                    "num_speculative_tokens: call compile(..., num_speculative_tokens=k) first.")
-            return TorchKVRunner(self.model, shapes["batch_size"], shapes["prefill_seq_len"], shapes["ctx_len"], fbs,
-                                 shapes.get("num_speculative_tokens"))
+            runner = TorchKVRunner(self.model, shapes["batch_size"], shapes["prefill_seq_len"], shapes["ctx_len"], fbs,
+                                   shapes.get("num_speculative_tokens"))
+            runner.max_top_k_ids = self.qaic_config.get("max_top_k_ids")  # as the in-graph sampler draws (or None)
+            return runner
         if self.compile_result is None:
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet "
                                "(or pass runtime='pytorch' to run the transformed PyTorch model).")
+        if self.qaic_config.get("include_sampler") and self.compile_result.backend != "onnxruntime":
+            raise NotImplementedError("The in-graph sampler runs on the embedded ONNX Runtime backend for now: the "
+                                      "qaicrt runner does not feed its inputs yet. Compile with backend='onnxruntime', "
+                                      "or load without qaic_config for the card.")
         return self.session(device_ids)
 
     def eos_token_ids(self, tokenizer=None) -> list[int]:
@@ -363,7 +368,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                  seed: int | None = None, sampling: SamplingParams | Sequence[SamplingParams] | None = None,
                  token_bitmasks=None, prompt_lookup_num_tokens: int | None = None,
                  max_matching_ngram_size: int | None = None, draft_model: QEFFAutoModelForCausalLM | None = None,
-                 num_speculative_tokens: int | None = None) -> GenerationResult:
+                 num_speculative_tokens: int | None = None, **serving) -> GenerationResult:
         """Generation for `prompts` (chat templates are the caller's job): greedy by default; `do_sample=True`
         with temperature / top_k / top_p / min_p / repetition_penalty (HF's meanings), presence_penalty
         (OpenAI's), `seed` for reproducible draws; or `sampling=` one SamplingParams per prompt. `token_bitmasks`
@@ -371,7 +376,8 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         `generation_len`: one limit, or one per prompt; None: as long as the context allows; longer than
         `ctx_len - prompt_len` is clamped with a warning. Without continuous batching, prompts beyond the
         compiled batch size run in successive batches; with it (compile(full_batch_size=N)) requests share the N
-        slots, a finished one handing its slot to the next waiting prompt, and metrics come per request.
+        slots, a finished one handing its slot to the next waiting prompt, and metrics come per request;
+        `serving` options go to that loop (`prefix_caching=True`, `on_event=` a live view's callback).
         Returns texts, ids and metrics; prints the metrics like QEfficient (verbose) and streams text as it comes
         (stream=True: the first prompt of each batch live, the others when their batch ends).
 
@@ -404,7 +410,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         ids, stopped, metrics = self._generate_ids(
             runner, prompt_ids, generation_len, self.eos_token_ids(tokenizer),
             on_tokens=streamer.on_tokens if streamer else None, pad_token_id=tokenizer.pad_token_id or 0,
-            sampling=params, token_bitmasks=token_bitmasks, **drafter)
+            sampling=params, token_bitmasks=token_bitmasks, **drafter, **serving)
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
         if streamer:
             streamer.finish(texts)
@@ -496,6 +502,10 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             from qeff_lab.runtime.continuous_batching import generate_continuous
 
             return generate_continuous(runner, prompt_ids, generation_len, eos_token_ids, **options)
+        serving = sorted(k for k in ("prefix_caching", "on_event") if options.pop(k, None))
+        if serving:
+            raise ValueError(f"{', '.join(serving)} need(s) continuous batching: load with continuous_batching=True "
+                             "and compile(..., full_batch_size=N).")
         return generate_ids(runner, prompt_ids, generation_len, eos_token_ids, **options)
 
     def generate_from_ids(self, prompt_ids: Sequence[Sequence[int]], generation_len: int | Sequence[int | None] | None = None,
@@ -504,14 +514,16 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                           token_bitmasks=None, prompt_lookup_num_tokens: int | None = None,
                           max_matching_ngram_size: int | None = None,
                           draft_model: QEFFAutoModelForCausalLM | None = None,
-                          num_speculative_tokens: int | None = None) -> GenerationResult:
-        """Token ids in, token ids out (no tokenizer): the loop parity tests drive (speculative options as generate)."""
+                          num_speculative_tokens: int | None = None, **serving) -> GenerationResult:
+        """Token ids in, token ids out (no tokenizer): the loop parity tests drive (speculative and serving options
+        as generate)."""
         params = resolve_sampling(len(prompt_ids), sampling)
         drafter = self._drafter(None, params, token_bitmasks, prompt_lookup_num_tokens, max_matching_ngram_size,
                                 draft_model, num_speculative_tokens, runtime, None)
         runner = self.runner(runtime)
         ids, stopped, metrics = self._generate_ids(runner, prompt_ids, generation_len, eos_token_ids,
-                                                   sampling=params, token_bitmasks=token_bitmasks, **drafter)
+                                                   sampling=params, token_bitmasks=token_bitmasks, **drafter,
+                                                   **serving)
         return GenerationResult(ids, [list(p) for p in prompt_ids], metrics, None, None, stopped)
 
 

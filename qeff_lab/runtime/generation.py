@@ -56,6 +56,12 @@ class TorchKVRunner:
             self.batch_size = full_batch_size
         self.cache = model.new_kv_cache(full_batch_size or batch_size, ctx_len)
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Continuous batching, prefix reuse: KV positions [0, length) of slot `src` copied into slot `dst`."""
+        for key, value in self.cache:
+            key[dst, :, :length] = key[src, :, :length]
+            value[dst, :, :length] = value[src, :, :length]
+
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None,
              num_logits_to_keep: int | None = None) -> np.ndarray:
         from qeff_lab.runtime.kv_session import check_batch_index, logits_to_keep
@@ -218,7 +224,7 @@ def generate_ids(
     prompt_ids = [list(map(int, p)) for p in prompt_ids]
     check_prompts(prompt_ids, C)
     eos = set(eos_token_ids or [])
-    chooser = TokenChooser(prompt_ids, sampling, token_bitmasks)
+    chooser = TokenChooser.for_runner(runner, prompt_ids, sampling, token_bitmasks)
     limits = request_limits(prompt_ids, generation_len, C)
     metrics = GenerationMetrics(prompts=len(prompt_ids), backend=getattr(runner, "backend", type(runner).__name__),
                                 prompt_tokens=sum(map(len, prompt_ids)))
@@ -236,7 +242,7 @@ def generate_ids(
         longest = max(lengths)
         t0 = time.perf_counter()
         # --- prefill, in chunks of P; each row's logits come from the chunk holding its last prompt token
-        first_logits = np.zeros((B, 0), np.float32)
+        next_tok = np.zeros(B, np.int64)
         n_chunks = -(-longest // P)
         for c in range(n_chunks):
             ids = np.full((B, P), pad_token_id, np.int64)
@@ -245,13 +251,10 @@ def generate_ids(
                 part = row[c * P:(c + 1) * P]
                 ids[r, :len(part)] = part
                 pos[r, :len(part)] = np.arange(c * P, c * P + len(part))
-            logits = runner.step(ids, pos)[:, -1]
-            if first_logits.shape[1] == 0:
-                first_logits = np.zeros_like(logits)
-            for r in range(len(rows)):
-                if (lengths[r] - 1) // P == c:
-                    first_logits[r] = logits[r]
-        next_tok = chooser.choose(first_logits[:len(rows)], batch)
+            finishing = [r < len(rows) and (lengths[r] - 1) // P == c for r in range(B)]
+            tokens = chooser.step(runner, ids, pos, None, [batch[r] if f else None for r, f in enumerate(finishing)],
+                                  decode=False)
+            next_tok = np.where(finishing, tokens, next_tok)
         t1 = time.perf_counter()
         if not metrics.ttft_s:
             metrics.ttft_s = t1 - t0
@@ -270,9 +273,10 @@ def generate_ids(
                 if not done[r]:
                     ids[r, 0] = new[r][-1]
                     pos[r, 0] = lengths[r] + len(new[r]) - 1
-            logits = runner.step(ids, pos)[:, -1]
             active = [r for r in range(len(rows)) if not done[r]]
-            chosen = dict(zip(active, chooser.choose(logits[active], [batch[r] for r in active])))
+            tokens = chooser.step(runner, ids, pos, None, [batch[r] if r in active else None for r in range(B)],
+                                  decode=True)
+            chosen = {r: tokens[r] for r in active}
             steps += 1
             for r in active:
                 new[r].append(int(chosen[r]))

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from qeff_lab.contracts import BATCH_INDEX, NUM_LOGITS_TO_KEEP, RETAINED_SUFFIX
+from qeff_lab.contracts import (BATCH_INDEX, LOGITS, NEXT_TOKENS, NUM_LOGITS_TO_KEEP, RANDOM_NUMBERS, REPETITION_BUFFER,
+                                RETAINED_SUFFIX, SAMPLER_INPUTS, TOKEN_BITMASKS)
 from qeff_lab.runtime.session import OrtSession, ShapeNotCompiledError
 
 
@@ -39,26 +40,36 @@ class OrtKVSession:
         self.num_speculative_tokens = (max(s.get(NUM_LOGITS_TO_KEEP, 1) for s in specializations) - 1
                                        if NUM_LOGITS_TO_KEEP in self.ort.input_names else None)
         kv_rows = self.full_batch_size or self.batch_size
-        self.kv_inputs = [n for n in self.ort.input_names if n.startswith("past_")]
-        missing = [n + RETAINED_SUFFIX for n in self.kv_inputs if n + RETAINED_SUFFIX not in self.ort.output_names]
-        if missing or "logits" not in self.ort.output_names:
+        # retained state: the KV (past_*) and, with the in-graph sampler, its penalty buffers
+        self.kv_inputs = [n for n in self.ort.input_names if n + RETAINED_SUFFIX in self.ort.output_names]
+        missing = [n + RETAINED_SUFFIX for n in self.ort.input_names
+                   if n.startswith("past_key") and n not in self.kv_inputs]
+        self.include_sampler = NEXT_TOKENS in self.ort.output_names
+        main = NEXT_TOKENS if self.include_sampler else LOGITS
+        if missing or main not in self.ort.output_names:
             raise ValueError(f"{onnx_path} is not a retained-state decoder graph (missing outputs: "
-                             f"{missing or ['logits']}).")
-        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+                             f"{missing or [main]}).")
+        self.main_outputs = [o for o in self.ort.output_names if not o.endswith(RETAINED_SUFFIX)]  # [probs,] main
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.sampler_inputs = [n for n in self.ort.input_names if n in SAMPLER_INPUTS or n == TOKEN_BITMASKS]
+        if self.include_sampler:
+            self.max_top_k_ids = int(inputs[RANDOM_NUMBERS].shape[1])
+            self.vocab_size = int(inputs[REPETITION_BUFFER].shape[1])
         self._buffers = []
         for _ in range(2):
             bufs = {}
             for name in self.kv_inputs:
-                _, heads, _, dim = shapes[name]
-                bufs[name] = ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros((kv_rows, heads, self.ctx_len, dim), np.float32))
+                dims = [kv_rows if axis == 0 else ctx_len_or(d, self.ctx_len) for axis, d in enumerate(inputs[name].shape)]
+                dtype = np.bool_ if inputs[name].type == "tensor(bool)" else np.float32
+                bufs[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(dims, dtype))
             self._buffers.append(bufs)
         # One binding per (buffer set read, batch rows): ORT keeps the logits buffer it allocated for a binding, so
         # with continuous batching (prefill batch 1, decode full_batch_size) each batch size gets its own.
         self._bindings: dict[tuple[int, int, int], ort.IOBinding] = {}  # (set read, rows, logits kept)
-        self._logits_index = len(self.kv_inputs)  # outputs come back in the order they were bound
+        self._main_index = len(self.kv_inputs)  # outputs come back in the order they were bound
         self._current = 0  # which buffer set holds the cache now
         self.steps = 0
+        self.last_probs: np.ndarray | None = None  # the in-graph sampler's probs of the last step (return_pdfs)
 
     def _binding(self, src: int, rows: int, keep: int = 1):
         io = self._bindings.get((src, rows, keep))
@@ -67,17 +78,29 @@ class OrtKVSession:
             for name in self.kv_inputs:
                 io.bind_ortvalue_input(name, self._buffers[src][name])
                 io.bind_ortvalue_output(name + RETAINED_SUFFIX, self._buffers[src ^ 1][name])
-            io.bind_output("logits", "cpu")
+            for name in self.main_outputs:
+                io.bind_output(name, "cpu")
         return io
 
     def kv_state(self) -> dict[str, np.ndarray]:
         """A numpy copy of the retained cache (for inspection and tests)."""
         return {name: v.numpy().copy() for name, v in self._buffers[self._current].items()}
 
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Continuous batching, prefix reuse: KV positions [0, length) of slot `src` copied into slot `dst`."""
+        for name in self.kv_inputs:
+            if name.startswith(("past_key", "past_value")):
+                buf = self._buffers[self._current][name]
+                arr = buf.numpy()
+                arr[dst, :, :length] = arr[src, :, :length]
+                buf.update_inplace(arr)
+
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None,
-             num_logits_to_keep: int | None = None) -> np.ndarray:
+             num_logits_to_keep: int | None = None, **sampler_inputs: np.ndarray) -> np.ndarray:
         """One call; `batch_index` [batch, 1] (the KV slot of each row) exactly when continuous batching;
-        `num_logits_to_keep` (a speculative target only; default 1): logits [batch, n, vocab] for the last n positions."""
+        `num_logits_to_keep` (a speculative target only; default 1): logits [batch, n, vocab] for the last n
+        positions. Returns the logits, or with the in-graph sampler the next_tokens [batch, 1, 1] (it then needs `sampler_inputs`,
+        see runtime.sampling.sampler_feeds; probs, when compiled with return_pdfs, land in `last_probs`)."""
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
         if input_ids.shape != position_ids.shape:
@@ -91,13 +114,21 @@ class OrtKVSession:
         keep = logits_to_keep(self.num_speculative_tokens, num_logits_to_keep)
         if keep is not None:
             feeds[NUM_LOGITS_TO_KEEP] = keep
+        wanted = {n for n in self.sampler_inputs if n not in self.kv_inputs}
+        if set(sampler_inputs) != wanted:
+            raise ValueError(f"This graph {'has' if wanted else 'has no'} an in-graph sampler: it takes the inputs "
+                             f"{sorted(wanted)}, got {sorted(sampler_inputs)}.")
+        feeds.update(sampler_inputs)
         self.ort.check_shapes(feeds)
         io = self._binding(self._current, input_ids.shape[0], 1 if keep is None else len(keep))
         for name, value in feeds.items():
             io.bind_cpu_input(name, value)
         self.session.run_with_iobinding(io)
         # A copy: the bound output buffer is reused by the step after next, which would change what a caller kept.
-        logits = io.get_outputs()[self._logits_index].numpy().copy()
+        outputs = io.get_outputs()
+        logits = outputs[self._main_index + len(self.main_outputs) - 1].numpy().copy()
+        if len(self.main_outputs) > 1:
+            self.last_probs = outputs[self._main_index].numpy().copy()
         self._current ^= 1
         self.steps += 1
         return logits
@@ -108,6 +139,11 @@ class OrtKVSession:
                     f"{self.ctx_len}, {len(self.kv_inputs)} retained buffers>")
         return (f"<OrtKVSession batch {self.batch_size}, prefill {self.prefill_seq_len}, ctx {self.ctx_len}, "
                 f"{len(self.kv_inputs)} retained buffers>")
+
+
+def ctx_len_or(dim, ctx_len: int):
+    """A retained buffer's size along a graph axis: ctx_len for the symbolic context axis, else the fixed size."""
+    return ctx_len if isinstance(dim, str) else int(dim)
 
 
 def kv_shapes(specializations: list[dict[str, int]]) -> tuple[int, int, int | None]:

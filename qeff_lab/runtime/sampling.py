@@ -1,6 +1,6 @@
 """Token choice after the logits: greedy, or sampling with HF's meanings, driven by explicit uniform random numbers.
 
-`SamplingParams` holds one request's settings (validated on construction). `process_logits` is the reference:
+`SamplingParams` holds one request's settings (validated on construction). `choose_tokens` is the reference:
 per-row parameters, vectorized, applied in HF's order
 
     token bitmask (guided decoding; masked -> -inf)
@@ -11,11 +11,16 @@ per-row parameters, vectorized, applied in HF's order
                                        MinPLogitsWarper, min_tokens_to_keep=1)
     -> sampling scores
 
-and `choose_tokens` picks argmax of the greedy scores (do_sample=False or temperature 0) or samples the sampling
-scores by the Gumbel-max trick over the top `K` candidates: candidate of rank r (descending) gets
-`-log(-log(u[r]))` from the uniforms `random_numbers [B, K]` and the largest sum wins (the same distribution as
-`torch.multinomial(softmax(scores))`, but reproducible from the numbers alone). `K = vocab_size` on the host;
-the in-graph sampler uses QEfficient's `max_top_k_ids` (the tail beyond the top K is never drawn there).
+and picks argmax of the greedy scores (do_sample=False or temperature 0) or samples by the Gumbel-max trick
+among the top `K` candidates of the greedy scores (`sample_top_k_ids`: the warpers run on those K): candidate of
+rank r (descending) gets `-log(-log(u[r]))` from the uniforms `random_numbers [B, K]` and the largest sum wins
+(the same distribution as `torch.multinomial(softmax(scores))`, but reproducible from the numbers alone).
+`K = vocab_size` on the host by default (exactly HF); the in-graph sampler (transforms.sampler, the same
+functions exported) uses QEfficient's `max_top_k_ids`, and a host sampler given the same K picks the same tokens.
+
+`TokenChooser.step` is what the generation loops call: it runs one runner step and returns the chosen ids, with
+the host sampler over the logits, or, when the graph has the sampler (`runner.include_sampler`), by feeding it
+`sampler_feeds` (QEfficient's input names) and reading `next_tokens`.
 
 `HostSampler` keeps each request's state (its generator, seen and generated tokens) so a request draws the
 same numbers however it is scheduled: its generator is seeded by `(seed, request index)`.
@@ -27,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from qeff_lab.contracts import LAST_ACCEPTED_OUTPUT_TOKENS, RANDOM_NUMBERS, TOKEN_BITMASKS
 
 NEG_INF = float("-inf")
 # Uniforms are drawn in [0, 1) and clipped into the open interval, so -log(-log(u)) is always finite.
@@ -140,17 +147,37 @@ def warp(scores: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor,
     # min-p: remove probabilities below min_p times the top probability; the top token always stays
     probs = scores.softmax(dim=-1)
     remove = probs < min_ps.to(torch.float32)[:, None] * probs.amax(dim=-1, keepdim=True)
-    remove = remove.scatter(1, probs.argmax(dim=-1, keepdim=True), False)
+    top = probs.argmax(dim=-1, keepdim=True)
+    remove = remove.scatter(1, top, torch.zeros_like(top, dtype=torch.bool))
     return scores.masked_fill(remove, NEG_INF)
+
+
+def gumbel_pick(values: torch.Tensor, indices: torch.Tensor, random_numbers: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max over candidates already in descending order (`values`, their token `indices` [B,K]):
+    candidate of rank r gets `-log(-log(u[r]))`. Token ids [B]."""
+    k = int(values.shape[1])
+    u = random_numbers[:, :k].to(torch.float32).clamp(float(U_MIN), float(U_MAX))
+    choice = (values - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
+    return indices.gather(1, choice)[:, 0]
 
 
 def gumbel_choice(scores: torch.Tensor, random_numbers: torch.Tensor) -> torch.Tensor:
     """Gumbel-max over the top K = random_numbers.shape[1] candidates of each row: token ids [B]."""
     k = min(int(random_numbers.shape[1]), int(scores.shape[1]))
     values, indices = torch.topk(scores, k, dim=-1)
-    u = random_numbers[:, :k].to(torch.float32).clamp(float(U_MIN), float(U_MAX))
-    choice = (values - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)
-    return indices.gather(1, choice)[:, 0]
+    return gumbel_pick(values, indices, random_numbers)
+
+
+def sample_top_k_ids(scores: torch.Tensor, params: dict[str, torch.Tensor], random_numbers: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sampling half of the token choice, shared by the host and the in-graph sampler: the top
+    K = random_numbers.shape[1] candidates (QEfficient's `max_top_k_ids`; K = vocab on the host by default),
+    warped among themselves (temperature, top-k, top-p, min-p), then Gumbel-max. Returns (token ids [B],
+    candidate ids [B,K], warped candidate scores [B,K]). With K = vocab it equals warping the whole row."""
+    k = min(int(random_numbers.shape[1]), int(scores.shape[1]))
+    values, indices = torch.topk(scores, k, dim=-1)
+    warped = warp(values, params["temperatures"], params["top_ks"], params["top_ps"], params["min_ps"])
+    return gumbel_pick(warped, indices, random_numbers), indices, warped
 
 
 def choose_tokens(logits: torch.Tensor, params: dict[str, torch.Tensor], random_numbers: torch.Tensor | None,
@@ -164,8 +191,7 @@ def choose_tokens(logits: torch.Tensor, params: dict[str, torch.Tensor], random_
     sampling = params["temperatures"] > 0
     if random_numbers is None or not bool(sampling.any()):
         return greedy
-    warped = warp(scores, params["temperatures"], params["top_ks"], params["top_ps"], params["min_ps"])
-    return torch.where(sampling, gumbel_choice(warped, random_numbers), greedy)
+    return torch.where(sampling, sample_top_k_ids(scores, params, random_numbers)[0], greedy)
 
 
 # ----------------------------------------------------------------------------- per-request state on the host
@@ -237,12 +263,15 @@ def resolve_sampling(n_prompts: int, sampling=None, **kwargs) -> list[SamplingPa
 
 
 class TokenChooser:
-    """What the generation loops call after each step: `choose(logits [n,V], request indices) -> ids [n]`.
-    Plain argmax when every request is plain greedy without a mask (the fast path, bit-identical to before);
-    otherwise a HostSampler over per-request states, created on the first call (when the vocabulary is known)."""
+    """What the generation loops call for each runner step: `step(runner, ids, pos, batch_index, requests, decode)`
+    runs the step and returns the next token of each row that names a request. On the host: plain argmax when
+    every request is plain greedy without a mask (the fast path), otherwise a HostSampler over per-request states.
+    With an in-graph sampler (`runner.include_sampler`): the step gets the sampling inputs (each request's
+    parameters, random numbers drawn from its own generator, its bitmask) and returns the ids directly."""
 
     def __init__(self, prompt_ids: Sequence[Sequence[int]], sampling: Sequence[SamplingParams] | None = None,
-                 token_bitmasks=None, max_top_k_ids: int | None = None):
+                 token_bitmasks=None, max_top_k_ids: int | None = None, in_graph: bool = False,
+                 guided: bool = False):
         self.prompt_ids = prompt_ids
         self.sampling = list(sampling) if sampling is not None else [SamplingParams()] * len(prompt_ids)
         if len(self.sampling) != len(prompt_ids):
@@ -253,22 +282,74 @@ class TokenChooser:
             if len(token_bitmasks) != len(prompt_ids):
                 raise ValueError(f"token_bitmasks: one mask [vocab] for all prompts or one per prompt "
                                  f"[{len(prompt_ids)}, vocab], got {masks.shape}.")
+            if in_graph and not guided:
+                raise ValueError("token_bitmasks were given but this graph's sampler has no token_bitmasks input: "
+                                 "load with qaic_config={'include_sampler': True, 'include_guided_decoding': True}.")
         self.token_bitmasks = token_bitmasks
         self.max_top_k_ids = max_top_k_ids
-        self.plain = token_bitmasks is None and all(p.plain_greedy for p in self.sampling)
+        self.in_graph, self.guided = in_graph, guided
+        self.plain = not in_graph and token_bitmasks is None and all(p.plain_greedy for p in self.sampling)
         self.states: dict[int, RequestSampling] = {}
         self.sampler: HostSampler | None = None
 
+    @classmethod
+    def for_runner(cls, runner, prompt_ids, sampling=None, token_bitmasks=None) -> "TokenChooser":
+        """The chooser for this runner: in the graph when it has the sampler, on the host otherwise."""
+        if getattr(runner, "include_sampler", False):
+            return cls(prompt_ids, sampling, token_bitmasks, runner.max_top_k_ids, in_graph=True,
+                       guided=TOKEN_BITMASKS in runner.sampler_inputs)
+        return cls(prompt_ids, sampling, token_bitmasks, getattr(runner, "max_top_k_ids", None))
+
+    def _state(self, i: int, vocab_size: int) -> RequestSampling:
+        if i not in self.states:
+            mask = self.token_bitmasks[i] if self.token_bitmasks is not None else None
+            self.states[i] = RequestSampling(self.sampling[i], vocab_size, self.prompt_ids[i], i, mask)
+        return self.states[i]
+
     def choose(self, logits: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+        """Host choice: logits [n, V] of requests `indices` -> token ids [n]."""
         logits = np.asarray(logits, np.float32).reshape(len(indices), -1)
         if self.plain:
             return logits.argmax(-1)
         if self.sampler is None:
             self.sampler = HostSampler(logits.shape[-1], self.max_top_k_ids)
-        states = []
-        for i in indices:
-            if i not in self.states:
-                mask = self.token_bitmasks[i] if self.token_bitmasks is not None else None
-                self.states[i] = RequestSampling(self.sampling[i], logits.shape[-1], self.prompt_ids[i], i, mask)
-            states.append(self.states[i])
-        return self.sampler.choose(logits, states)
+        return self.sampler.choose(logits, [self._state(i, logits.shape[-1]) for i in indices])
+
+    def step(self, runner, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None,
+             requests: Sequence[int | None], decode: bool) -> np.ndarray:
+        """One runner step over `input_ids [B,S]`; returns [B] ids, the next token of each row whose entry in
+        `requests` names a request (-1 elsewhere: rows mid-prompt, free slots). `decode`: the rows feed their
+        last generated token (the in-graph sampler counts it for the presence penalty)."""
+        rows = [r for r, i in enumerate(requests) if i is not None]
+        out = np.full(len(requests), -1, np.int64)
+        if not self.in_graph:
+            args = (input_ids, position_ids) if batch_index is None else (input_ids, position_ids, batch_index)
+            logits = runner.step(*args)[:, -1]
+            if rows:
+                out[rows] = self.choose(logits[rows], [requests[r] for r in rows])
+            return out
+        feeds = sampler_feeds([self._state(i, runner.vocab_size) if i is not None else None for i in requests],
+                              input_ids, position_ids, decode, self.max_top_k_ids, runner.vocab_size, self.guided)
+        tokens = np.asarray(runner.step(input_ids, position_ids, batch_index, **feeds)).reshape(len(requests))
+        for r in rows:
+            self.states[requests[r]].observe(int(tokens[r]))
+            out[r] = tokens[r]
+        return out
+
+
+def sampler_feeds(states: Sequence[RequestSampling | None], input_ids: np.ndarray, position_ids: np.ndarray,
+                  decode: bool, max_top_k_ids: int, vocab_size: int, guided: bool) -> dict[str, np.ndarray]:
+    """The in-graph sampler's inputs for one step (QEfficient's names and layout): each row's parameters, K random
+    numbers from its request's generator (only rows that sample draw), its bitmask; rows without a request
+    (None) are greedy and unmasked."""
+    params = params_tensors([s.params if s is not None else SamplingParams() for s in states])
+    feeds = {name: params[name].numpy().reshape(-1, 1) for name in params}
+    feeds["top_ks"] = feeds["top_ks"].astype(np.int32)
+    feeds[RANDOM_NUMBERS] = np.stack([s.random_numbers(max_top_k_ids) if s is not None and not s.params.greedy
+                                      else np.full(max_top_k_ids, 0.5, np.float32) for s in states])
+    last = np.where(position_ids >= 0, input_ids, -1) if decode else np.full_like(input_ids, -1)
+    feeds[LAST_ACCEPTED_OUTPUT_TOKENS] = np.ascontiguousarray(last, np.int64)
+    if guided:
+        feeds[TOKEN_BITMASKS] = np.stack([s.token_bitmask if s is not None and s.token_bitmask is not None
+                                          else np.ones(vocab_size, bool) for s in states])
+    return feeds

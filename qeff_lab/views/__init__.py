@@ -10,6 +10,7 @@ from qeff_lab.views.generation import render_generation, render_swap_summary
 from qeff_lab.views.graph import NetronServer, graph_view
 from qeff_lab.views.precision import render_findings, render_ladder, render_profile, render_report
 from qeff_lab.views.report import report_html, write_report
+from qeff_lab.views.serving import SlotView, render_serving  # noqa: F401  registers the ServingMetrics view
 
 
 def _register() -> None:

@@ -75,7 +75,7 @@ def test_a_finished_request_hands_its_slot_to_the_next_prompt_at_once(served):
     assert m.decode_steps < sum(GEN)  # decode steps are shared between slots
     frame = m.requests_frame()
     assert list(frame.columns) == ["request", "slot", "prompt tokens", "new tokens", "queue wait s", "TTFT s",
-                                   "decode tok/s", "stopped"] and len(frame) == 7
+                                   "decode tok/s", "stopped", "prefix reused"] and len(frame) == 7
     assert "throughput" in m.to_frame()["metric"].tolist() and "Continuous batching: 7 requests on 3 slots" in m.report()
 
 
@@ -138,3 +138,52 @@ def test_bad_input_is_a_clear_error(served):
         runner.step(np.zeros((1, PREFILL), np.int64), np.zeros((1, PREFILL), np.int64))
     with pytest.raises(ValueError, match="distinct slot"):
         runner.step(np.zeros((1, PREFILL), np.int64), np.zeros((1, PREFILL), np.int64), np.array([[FBS]]))
+
+
+def _shared_prefix_prompts():
+    system = prompts(seed=3, lengths=(19,))[0]  # a "system prompt" of 19 tokens: two prefill chunks and a bit
+    return [system + s for s in prompts(seed=22, lengths=(3, 12, 1, 7, 5))] + [system[:10]], [6, 9, 4, 7, 5, 3]
+
+
+def test_prefix_caching_gives_the_fresh_tokens_and_saves_prefill(served):
+    model, *_ = served
+    prompt_ids, gen = _shared_prefix_prompts()
+    fresh = model.generate_from_ids(prompt_ids, gen)
+    events = []
+    reused = model.generate_from_ids(prompt_ids, gen, prefix_caching=True,
+                                     on_event=lambda *e: events.append(e))
+    assert reused.ids == fresh.ids
+    m = reused.metrics
+    # request 0 finds nothing; 1..4 reuse the 19 system tokens (copied from another slot, or their own);
+    # request 5 is a prefix of the system prompt itself: all but its last token
+    assert [r.prefix_reused for r in m.requests] == [0, 19, 19, 19, 19, 9]
+    assert m.prefill_tokens_saved == 4 * 19 + 9 and fresh.metrics.prefill_tokens_saved == 0
+    assert m.prefill_steps < fresh.metrics.prefill_steps
+    assert m.requests_frame()["prefix reused"].sum() == m.prefill_tokens_saved
+    assert [e[:3] for e in events if e[0] == "prefill"] == [("prefill", r.index, r.slot) for r in m.requests]
+    assert sum(e[0] == "token" for e in events) == m.generated_tokens
+    assert [e[1] for e in events if e[0] == "finish"] == sorted(range(6), key=lambda i: m.requests[i].finish_s)
+
+
+def test_prefix_caching_on_smollm2_with_a_chat_template_system_prompt(smollm2_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = QEFFAutoModelForCausalLM.from_pretrained(str(smollm2_path), continuous_batching=True)
+    model.compile_shapes = {"prefill_seq_len": 16, "ctx_len": 64, "batch_size": 1, "full_batch_size": 2}  # no export
+    system = "You are a concise assistant. Answer in one short sentence."
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
+    texts = [tok.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": q}],
+                                     tokenize=False, add_generation_prompt=True) for q in questions]
+    fresh = model.generate(tok, texts, 3, runtime="pytorch", verbose=False)
+    reused = model.generate(tok, texts, 3, runtime="pytorch", verbose=False, prefix_caching=True)
+    assert reused.ids == fresh.ids
+    shared = len(tok(texts[0])["input_ids"]) - len(tok(questions[0])["input_ids"])  # about the system part
+    saved = [r.prefix_reused for r in reused.metrics.requests]
+    assert saved[0] == 0 and min(saved[1:]) >= shared - 8 and reused.metrics.prefill_tokens_saved == sum(saved)
+
+
+def test_prefix_caching_needs_continuous_batching(served):
+    plain = QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=5), "tiny-plain-prefix")
+    with pytest.raises(ValueError, match="prefix_caching need\\(s\\) continuous batching"):
+        plain.generate_from_ids([[5, 6, 7]], 2, runtime="pytorch", prefix_caching=True)

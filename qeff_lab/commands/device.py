@@ -87,10 +87,10 @@ def _kind(model_name: str, kind: str) -> str:
     from transformers import AutoConfig
 
     from qeff_lab.loading import resolve
-    from qeff_lab.transforms.encoders import SUPPORTED_ENCODER_TYPES
+    from qeff_lab.transforms.encoders import encoder_obstacle
 
     config = AutoConfig.from_pretrained(resolve(model_name).path)
-    return "encoder" if config.model_type in SUPPORTED_ENCODER_TYPES else "causal-lm"
+    return "encoder" if encoder_obstacle(config) is None else "causal-lm"
 
 
 def _load(args: argparse.Namespace):

@@ -282,14 +282,18 @@ def verify(plan: OrtGraphPlan, onnx_path: Path, folder: Path, ctx_len: int, pref
         return plan
     P = prefill_seq_len
     length = max(1, min(ctx_len - decode_steps - 1, P + max(1, P // 2)))
-    tokens = np.random.default_rng(0).integers(0, 100, length + decode_steps, dtype=np.int64)
+    logits = next((o for o in onnx.load(str(folder / ORT_GRAPH), load_external_data=False).graph.output
+                   if o.name == "logits"), None)
+    vocab = _dims(logits)[-1] if logits is not None else 0
+    high = min(100, vocab) if isinstance(vocab, int) and vocab > 0 else 2  # ids every vocabulary has
+    tokens = np.random.default_rng(0).integers(0, high, length + decode_steps, dtype=np.int64)
     calls = [(tokens[c:c + P], np.arange(c, min(c + P, length))) for c in range(0, length, P)]
     calls = [(ids[:len(pos)], pos) for ids, pos in calls] + [(tokens[length + s:length + s + 1], np.array([length + s]))
                                                              for s in range(decode_steps)]
     try:
         exported = _run_exported(onnx_path, calls, ctx_len, P, threads)
         rewritten = _run_rewritten(folder / ORT_GRAPH, onnx_path.parent, calls, ctx_len, threads)
-    except (RuntimeError, ValueError) as e:  # ONNX Runtime refused the rewritten graph (its errors are RuntimeErrors)
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error classes: any refusal means "keep the exported graph"
         (folder / ORT_GRAPH).unlink()
         return OrtGraphPlan("exported", f"exported graph kept: the GroupQueryAttention rewrite did not run "
                                         f"({' '.join(str(e).split())[:300]})")
@@ -350,9 +354,10 @@ def _run_rewritten(graph: Path, weights_dir: Path, calls, ctx_len: int, threads)
     io.bind_output("logits", "cpu")
     out = []
     for ids, pos in calls:
-        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids[None]))
-        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(pos[None]))
-        io.bind_cpu_input(SEQLENS_K, np.array([pos[-1]], np.int32))
+        feeds = {INPUT_IDS: np.ascontiguousarray(ids[None]), POSITION_IDS: np.ascontiguousarray(pos[None]),
+                 SEQLENS_K: np.array([pos[-1]], np.int32)}  # alive until the run is over (bound without a copy)
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
         sess.run_with_iobinding(io)
         out.append(io.get_outputs()[len(cache)].numpy()[:, -1].copy())  # the bound buffer is reused
     return np.concatenate(out)

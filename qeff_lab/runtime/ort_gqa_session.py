@@ -68,9 +68,11 @@ class OrtGqaKVSession:
 
     def _run(self, row: int | None, ids: np.ndarray, pos: np.ndarray, seqlens: np.ndarray) -> np.ndarray:
         io = self._binding(row)
-        io.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids))
-        io.bind_cpu_input(POSITION_IDS, np.ascontiguousarray(pos))
-        io.bind_cpu_input(SEQLENS_K, seqlens.astype(np.int32))
+        # bind_cpu_input does not copy: these arrays must stay alive until the run is over
+        feeds = {INPUT_IDS: np.ascontiguousarray(ids), POSITION_IDS: np.ascontiguousarray(pos),
+                 SEQLENS_K: np.ascontiguousarray(seqlens, dtype=np.int32)}
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, value)
         self.session.run_with_iobinding(io)
         self.calls += 1
         return io.get_outputs()[len(self.kv_inputs)].numpy().copy()  # outputs come back in the order bound

@@ -6,7 +6,7 @@ from qeff_lab.views.tables import html_table, render_steps, render_step, render_
 
 from qeff_lab.views.compile import render_compile_result
 from qeff_lab.views.dashboard import Dashboard, dashboard
-from qeff_lab.views.generation import render_generation, render_swap_summary
+from qeff_lab.views.generation import render_generation
 from qeff_lab.views.graph import NetronServer, graph_view
 from qeff_lab.views.precision import render_findings, render_ladder, render_profile, render_report
 from qeff_lab.views.report import report_html, write_report
@@ -25,7 +25,7 @@ def _register() -> None:
 
     for cls, render in [
         (TransformResult, render_transform), (StepReport, render_step), (QEFFBaseModel, render_steps),
-        (SwapResult, lambda r: render_swap_summary(r) + render_transform(r)),
+        (SwapResult, render_transform),
         (CompileResult, render_compile_result), (GenerationResult, render_generation),
         (PrecisionReport, render_report), (Findings, render_findings), (RangeProfile, render_profile),
         (LadderReport, render_ladder),

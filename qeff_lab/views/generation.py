@@ -8,9 +8,3 @@ def render_generation(result) -> str:
     """A GenerationResult: the metrics, then one row per prompt with its new text."""
     return (html_table(result.metrics.to_frame(), caption="generation metrics")
             + html_table(result.to_frame(), caption=f"{len(result.ids)} prompt(s)"))
-
-
-def render_swap_summary(result) -> str:
-    """A SwapResult grouped by class: what became what, how many modules, and what was kept."""
-    return html_table(result.summary_frame(), caption=f"{result.name}: {len(result.changes)} swapped, "
-                                                      f"{len(result.kept)} kept")

@@ -5,10 +5,10 @@ Importing this package registers each view with `qeff_lab.pipeline.register_view
 from qeff_lab.views.tables import html_table, render_steps, render_step, render_transform, steps_widget
 
 from qeff_lab.views.compile import render_compile_result
-from qeff_lab.views.dashboard import Dashboard, dashboard
+from qeff_lab.views.dashboard import STEP_SUMMARIES, Dashboard, dashboard
 from qeff_lab.views.generation import render_generation
 from qeff_lab.views.graph import NetronServer, graph_view
-from qeff_lab.views.precision import render_findings, render_ladder, render_profile, render_report
+from qeff_lab.views.precision import ladder_summary, render_findings, render_ladder, render_profile, render_report
 from qeff_lab.views.report import report_html, write_report
 
 
@@ -31,6 +31,7 @@ def _register() -> None:
         (LadderReport, render_ladder),
     ]:
         register_view(cls, "html", render)
+    STEP_SUMMARIES["LadderReport"] = ladder_summary
     register_view(QEFFBaseModel, "dashboard", dashboard)
     register_view(QEFFBaseModel, "report", write_report)
 

@@ -67,12 +67,41 @@ def render_report(report) -> str:
 
 def render_ladder(ladder, timings: bool = False) -> str:
     """The ladder's table as `ladder.table()` words it (the same on every CPU: noise-level differences shown
-    against their tolerance, 2 significant digits); seconds per rung only with `timings`."""
+    against their tolerance, 2 significant digits), then what each rung generated; seconds per rung only with
+    `timings`."""
     df = ladder.table()
     if timings and "seconds" in ladder.summary:
         df.insert(len(df.columns) - 1 if "note" in df.columns else len(df.columns), "seconds",
                   [f"{v:.2f}" for v in ladder.summary["seconds"]])
-    return html_table(df, caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}")
+    out = html_table(df, caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}", css_class="qeff-ladder")
+    texts = ladder_texts(ladder)
+    if texts is not None:
+        out += html_table(texts, caption=f"what each rung generated (greedy, {ladder.generation_len} new tokens)",
+                          max_rows=len(texts), css_class="qeff-ladder-texts")
+    if ladder.notes:
+        out += f"<div style='font-size:11px;color:{COLORS['muted']}'>{html.escape('; '.join(ladder.notes))}</div>"
+    return out
+
+
+def ladder_texts(ladder) -> pd.DataFrame | None:
+    """One row per rung (and prompt, when several): the text it generated, or None when the ladder kept none."""
+    pp = ladder.per_prompt
+    if "text" not in pp.columns or pp.empty:
+        return None
+    several = pp["prompt"].nunique() > 1
+    cols = ["rung", "prompt", "text"] if several else ["rung", "text"]
+    return pp[cols].reset_index(drop=True)
+
+
+def ladder_summary(ladder) -> str:
+    """One line for the dashboard: what each rung costs, by its main measure."""
+    s = ladder.summary
+    rest = s.iloc[1:]
+    if ladder.kind == "encoder":
+        parts = [f"{r.rung} {r.min_cosine:.4f}" for r in rest.itertuples()]
+        return f"{len(s)} rungs vs {ladder.reference}, min cosine: " + ", ".join(parts)
+    parts = [f"{r.rung} {r.top1_agreement:.0%}" for r in rest.itertuples()]
+    return f"{len(s)} rungs vs {ladder.reference}, top-1 agreement (teacher-forced): " + ", ".join(parts)
 
 
 def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None, title: str = "fp16 headroom",
@@ -116,32 +145,55 @@ def profile_heatmap(profile, sites: list[str] | None = None):
     return heatmap_figure(profile.heatmap_frame("headroom_bits", sites), profile.heatmap_frame("frac_flush", sites))
 
 
+def _bar_labels(ax, values, fmt) -> None:
+    for i, v in enumerate(values):
+        ax.annotate(fmt(v), (i, v), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+
+
 def ladder_figure(ladder):
-    """Token match and perplexity per rung (decoders), or min / mean cosine per rung (encoders)."""
+    """What each rung costs. Decoders: teacher-forced top-1 agreement and mean KL against the reference (over the
+    same text), and perplexity on a log scale, each bar labelled with its value; encoders: min / median cosine
+    and max abs difference."""
     import matplotlib.pyplot as plt
 
     s = ladder.summary
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
     names = list(s["rung"])
     if ladder.kind == "encoder":
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
         axes[0].bar(names, s["min_cosine"], color=COLORS["reused"])
+        _bar_labels(axes[0], s["min_cosine"], lambda v: f"{v:.4f}")
         axes[0].set_title("min cosine vs HF fp32")
         axes[1].bar(names, s["max_abs_diff"], color=COLORS["underflow"])
+        _bar_labels(axes[1], s["max_abs_diff"], lambda v: f"{v:.2g}")
         axes[1].set_title("max abs difference")
     else:
-        colors = [COLORS["done"] if v >= 0.99 else COLORS["underflow"] if v >= 0.5 else COLORS["overflow"]
-                  for v in s["token_match"]]
-        axes[0].bar(names, s["token_match"], color=colors)
-        axes[0].set_ylim(0, 1.05)
-        axes[0].set_title(f"greedy token match vs {ladder.reference}")
-        ppl = s["perplexity"].astype(float).replace([math.inf], float("nan"))
-        axes[1].bar(names, ppl, color=COLORS["reused"])
-        for i, v in enumerate(s["perplexity"]):
-            if not math.isfinite(float(v)):
-                axes[1].text(i, 0, "inf", ha="center", va="bottom", color=COLORS["overflow"])
-        axes[1].set_title(f"perplexity ({ladder.text_tokens} tokens of the shipped text)")
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+        top1 = s["top1_agreement"].astype(float)
+        colors = [COLORS["done"] if v >= 0.95 else COLORS["underflow"] if v >= 0.5 else COLORS["overflow"]
+                  for v in top1]
+        axes[0].bar(names, top1, color=colors)
+        _bar_labels(axes[0], top1, lambda v: f"{v:.0%}")
+        axes[0].set_ylim(0, 1.15)
+        axes[0].set_title("top-1 agreement (teacher-forced)", fontsize=10)
+        floor = 1e-6  # KL below this is noise; drawn at the floor and labelled as such
+        kl = s["kl_mean"].astype(float)
+        axes[1].bar(names, kl.clip(lower=floor), color=COLORS["underflow"])
+        _bar_labels(axes[1], kl.clip(lower=floor), lambda v: "<1e-6" if v <= floor else f"{v:.2g}")
+        axes[1].set_yscale("log")
+        axes[1].set_title(f"mean KL vs {ladder.reference} (nats, log)", fontsize=10)
+        ppl = s["perplexity"].astype(float)
+        finite = ppl.where(ppl.map(math.isfinite))
+        axes[2].bar(names, finite, color=COLORS["reused"])
+        _bar_labels(axes[2], finite.fillna(finite.min() if finite.notna().any() else 1.0),
+                    lambda v: f"{v:.3g}")
+        for i, v in enumerate(ppl):
+            if not math.isfinite(v):
+                axes[2].text(i, 1, "inf", ha="center", va="bottom", color=COLORS["overflow"])
+        axes[2].set_yscale("log")
+        axes[2].set_title(f"perplexity, {ladder.text_tokens} tokens (log)", fontsize=10)
     for ax in axes:
         ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.margins(y=0.15)
         for label in ax.get_xticklabels():
             label.set_ha("right")
     fig.tight_layout()

@@ -101,10 +101,9 @@ def _details_html(details: Any) -> str:
         return (f"<div>{html.escape(str(details.path))}</div>"
                 + "".join(render_transform(p) for p in details.passes))
     if isinstance(details, CompileResult):
-        specs = pd.DataFrame(details.specializations)
-        return (f"<div>backend <b>{details.backend}</b> — {html.escape(details.reason)}</div>"
-                + html_table(specs, caption="specializations")
-                + f"<div style='font-size:11px'>device command: <code>{html.escape(' '.join(details.command))}</code></div>")
+        from qeff_lab.views.compile import render_compile_result
+
+        return render_compile_result(details)
     if hasattr(details, "_repr_html_"):  # reports that draw themselves (e.g. precision.PrecisionReport)
         return details._repr_html_()
     return f"<pre>{html.escape(repr(details))}</pre>" if details is not None else ""

@@ -25,10 +25,8 @@ class PrecisionReport(HtmlRepr):
     seconds: float = 0.0
 
     def summary(self) -> str:
-        errors = sum(f.severity == "error" for f in self.findings)
-        hidden = sum(not f.visible_at_output for f in self.findings if f.severity == "error")
-        return (f"{self.inputs} input(s), {self.tokens} tokens: {len(self.profile.records)} sites profiled, "
-                f"{errors} overflow finding(s) ({hidden} hidden inside modules)")
+        return (f"{self.inputs} input(s), {self.tokens} tokens, {len(self.profile.records)} sites profiled; "
+                f"findings: {self.findings.headline()}")
 
     def __repr__(self) -> str:
         return f"<PrecisionReport {self.summary()}>"

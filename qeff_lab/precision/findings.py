@@ -246,13 +246,19 @@ class Findings(list, HtmlRepr):
             places=("place", "size"), hidden=("hidden", "sum"), worst=("value", "max"), fix=("fix", "first"))
         return out.reset_index()
 
+    def headline(self) -> str:
+        """The counts every view shows, in one wording: causes (by severity), the places under them, and the
+        modules those places are in. e.g. '2 cause(s) (1 error, 1 warning) over 129 place(s) in 56 module(s)'."""
+        causes = self.causes()
+        counts = ", ".join(f"{n} {s}" for s in SEVERITY_ORDER if (n := sum(c.severity == s for c in causes)))
+        return (f"{len(causes)} cause(s){f' ({counts})' if counts else ''} over {len(self)} place(s) in "
+                f"{len(self.modules())} module(s)")
+
     def __repr__(self) -> str:
         causes = self.causes()
-        counts = {s: sum(c.severity == s for c in causes) for s in SEVERITY_ORDER}
         kinds = ", ".join(f"{k} {n}" for k, n in pd.Series([c.kind for c in causes]).value_counts().items()) \
             if causes else "none"
-        return (f"<Findings: {len(causes)} cause(s) ({counts['error']} error, {counts['warning']} warning, "
-                f"{counts['info']} info: {kinds}) over {len(self)} place(s)>")
+        return f"<Findings: {self.headline()}; kinds: {kinds}>"
 
 
 def _is_norm(cls_name: str) -> bool:

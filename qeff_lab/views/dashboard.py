@@ -61,11 +61,14 @@ def pending_stages(steps: dict) -> list[str]:
     return [stage for stage, names in STAGES if not any(n in steps for n in names)]
 
 
-def step_detail_html(report) -> str:
-    """The HTML for one step's details: the object's own _repr_html_ when it has one, else the shared renderers."""
+def step_detail_html(report, body: str | None = None) -> str:
+    """The HTML for one step's details: the object's own _repr_html_ when it has one, else the shared renderers
+    (`body`: this HTML instead)."""
     details = report.details
     head = (f"<div class='qeff-step-head'><b>{html.escape(report.step)}</b> {_badge(report.status)} "
             f"{_fmt_seconds(report.seconds)} — {html.escape(report.summary)}</div>")
+    if body is not None:
+        return head + body
     if hasattr(details, "_repr_html_") and not isinstance(details, (pd.DataFrame, dict, list)):
         try:
             return head + details._repr_html_()

@@ -30,26 +30,25 @@ PLACE_VIEW_COLUMNS = ["severity", "place", "intermediate", "value", "limit", "vi
 
 
 def render_findings(findings, max_rows: int = 40, css_class: str = "qeff-precision-findings") -> str:
-    """One row per root cause (severity in colour, worst first), then each cause expandable (<details>) to its
-    modules and ops, with how to apply its fix. The same grouping as `findings.to_frame()`. Tables carry
-    `css_class` (causes) and `css_class`-places (the static report's Findings section: "qeff-findings")."""
+    """The one grouped view of findings: the counts (`findings.headline()`, the same words everywhere), one row per
+    root cause (severity in colour, worst first), then each cause expandable (<details>) to its fix, said once,
+    and its places, largest value first. The grouping of `findings.to_frame()`. Tables carry `css_class` (causes)
+    and `css_class`-places."""
     if not len(findings):
         return "<div><b>Findings</b>: none — every profiled value fits fp16</div>"
     causes = findings.causes()
-    frame = findings.to_frame()
-    counts = frame["severity"].value_counts()
-    head = " ".join(f"<span style='color:{SEVERITY_COLORS[s]}'>{n} {s}</span>" for s, n in counts.items())
-    caption = f"findings: {len(causes)} cause(s) over {len(findings)} place(s)"
-    shown = frame[CAUSE_VIEW_COLUMNS].copy()
+    shown = findings.to_frame()[CAUSE_VIEW_COLUMNS].copy()
     shown["times_limit"] = [f"{v:.2g}x" for v in shown["times_limit"]]
-    parts = [f"<div><b>Findings</b>: {head} (causes)</div>", findings_html(shown, caption=caption, css_class=css_class)]
+    parts = [f"<div><b>Findings</b>: {html.escape(findings.headline())}</div>",
+             findings_html(shown, caption="one row per root cause, worst first", css_class=css_class)]
     for i, c in enumerate(causes):
-        places = c.to_frame()[PLACE_VIEW_COLUMNS]
+        places = c.to_frame().sort_values("value", ascending=False, kind="stable")[PLACE_VIEW_COLUMNS]
         parts.append(
             f"<details class='qeff-cause'><summary><span style='color:{SEVERITY_COLORS[c.severity]}'>"
             f"{html.escape(c.severity)}</span> {html.escape(c.title)}</summary>"
             f"<div style='font-size:12px'>fix: {html.escape(c.remedy)}</div>"
-            + html_table(_formatted(places), caption=f"cause {i}: {len(c.modules)} module(s), {len(places)} place(s)",
+            + html_table(_formatted(places), caption=f"cause {i}: {len(places)} place(s) in {len(c.modules)} "
+                                                     "module(s), largest value first",
                          max_rows=max_rows, css_class=f"{css_class}-places") + "</details>")
     return "".join(parts)
 
@@ -60,9 +59,11 @@ def render_profile(profile, max_rows: int = 20) -> str:
     return html_table(_formatted(df[cols]), caption=f"{profile!r} — least headroom first")
 
 
-def render_report(report) -> str:
-    return (f"<div><b>Precision report</b>: {html.escape(report.summary())}</div>"
-            + render_findings(report.findings, max_rows=15))
+def render_report(report, findings: bool = True) -> str:
+    """What was profiled, then the grouped findings (`findings=False`: the profile line only)."""
+    head = (f"<div><b>Precision report</b>: {report.inputs} input(s), {report.tokens} tokens, "
+            f"{len(report.profile.records)} sites profiled</div>")
+    return head + (render_findings(report.findings, max_rows=15) if findings else "")
 
 
 def render_ladder(ladder, timings: bool = False) -> str:

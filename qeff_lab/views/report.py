@@ -140,8 +140,16 @@ def report_html(model, title: str | None = None) -> str:
         parts.append("<h2 id='findings'>Findings</h2>")
         parts += [f"<div class='meta'>from {html.escape(n)}</div>" + body for n, body in all_findings]
 
+    shown_above = {n for n, _ in all_findings}
     for name, rep in steps.items():
-        parts.append(f"<section id='step-{html.escape(name)}'><h2>{html.escape(name)}</h2>{step_detail_html(rep)}")
+        if name in shown_above and hasattr(rep.details, "findings") and hasattr(rep.details, "profile"):
+            from qeff_lab.views.precision import render_report
+
+            detail = (step_detail_html(rep, body=render_report(rep.details, findings=False))
+                      + "<div class='meta'><a href='#findings'>its findings: above</a></div>")
+        else:
+            detail = step_detail_html(rep)
+        parts.append(f"<section id='step-{html.escape(name)}'><h2>{html.escape(name)}</h2>{detail}")
         for i, fig in enumerate(_step_figures(rep)):
             parts.append(img_html(fig, f"{name} plot {i + 1}"))
         if name == "export":

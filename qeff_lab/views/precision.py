@@ -105,38 +105,65 @@ def ladder_summary(ladder) -> str:
     return f"{len(s)} rungs vs {ladder.reference}, top-1 agreement (teacher-forced): " + ", ".join(parts)
 
 
+HEATMAP_WIDTH_IN = 10.0  # inches at 100 dpi: 1000 px, the width of a notebook's output area, so nothing is scaled down
+HEATMAP_LABEL_PT = 9  # every label's size: 12.5 px at 100 dpi, readable at 100% zoom
+FLUSH_SHOWN_FROM = 1e-4  # sites where at least this share of values flushes to zero get a bar
+
+
 def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None, title: str = "fp16 headroom",
                    clip_bits: float = 16.0):
-    """Layers x site, coloured by fp16 headroom in bits (log2(65504 / abs max)): red below 0 (overflow),
-    green above; a second panel shows the share of values flushing to zero (underflow) in orange.
-    Inputs are `RangeProfile.heatmap_frame("headroom_bits")` / `heatmap_frame("frac_flush")`."""
+    """Site (rows: `input_layernorm: pow`, ...) x layer (columns), coloured by fp16 headroom in bits
+    (log2(65504 / abs max)): red below 0 (overflow), green above, each row labelled. Below it, for the sites where
+    values flush to zero in fp16 (underflow) at all, one bar each: the largest share and in how many layers (the
+    sites where nothing flushes are left out, so the panel shows only what matters).
+    The figure is HEATMAP_WIDTH_IN wide whatever the number of layers and sites (it grows in height), so a
+    notebook shows it at its own size. Inputs are `RangeProfile.heatmap_frame("headroom_bits")` /
+    `heatmap_frame("frac_flush")` (layers x sites)."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 
-    panels = 2 if underflow is not None and not underflow.empty else 1
-    width = max(6.0, 0.32 * headroom.shape[1] + 2.5)
-    fig, axes = plt.subplots(1, panels, figsize=(width * panels, max(3.0, 0.22 * headroom.shape[0] + 2)),
-                             squeeze=False)
+    data = headroom.astype(float).clip(-clip_bits, clip_bits).T  # sites x layers
+    flush = None
+    if underflow is not None and not underflow.empty:
+        share = underflow.astype(float).reindex(columns=headroom.columns)
+        worst = share.max().fillna(0.0)
+        layers = (share >= FLUSH_SHOWN_FROM).sum()
+        flush = pd.DataFrame({"share": worst, "layers": layers})
+        flush = flush[flush["share"] >= FLUSH_SHOWN_FROM].sort_values("share")
+    heat_h = 0.2 * data.shape[0] + 1.4
+    bars_h = (0.28 * max(len(flush), 1) + 1.1) if flush is not None else 0.0
+    fig = plt.figure(figsize=(HEATMAP_WIDTH_IN, heat_h + bars_h))
+    grid = fig.add_gridspec(2 if flush is not None else 1, 2, width_ratios=[40, 1],
+                            height_ratios=[heat_h, bars_h] if flush is not None else [1])
+    ax = fig.add_subplot(grid[0, 0])
     cmap = LinearSegmentedColormap.from_list("headroom", [COLORS["overflow"], "#ffffff", COLORS["headroom"]])
-    data = headroom.astype(float).clip(-clip_bits, clip_bits)
-    ax = axes[0][0]
     im = ax.imshow(data.values, aspect="auto", cmap=cmap, norm=TwoSlopeNorm(0.0, -clip_bits, clip_bits),
                    interpolation="nearest")
-    ax.set_title(f"{title} (bits; < 0 overflows)")
-    ax.set_xticks(range(data.shape[1]), data.columns, rotation=90, fontsize=7)
-    ax.set_yticks(range(data.shape[0]), data.index, fontsize=7)
-    ax.set_ylabel("layer")
-    fig.colorbar(im, ax=ax, fraction=0.03)
-    if panels == 2:
-        ucmap = LinearSegmentedColormap.from_list("underflow", ["#ffffff", COLORS["underflow"]])
-        ax2 = axes[0][1]
-        u = underflow.reindex(index=headroom.index, columns=headroom.columns).astype(float)
-        im2 = ax2.imshow(u.values, aspect="auto", cmap=ucmap, vmin=0, vmax=max(0.01, float(pd.Series(
-            u.values.ravel()).max(skipna=True) or 0.01)), interpolation="nearest")
-        ax2.set_title("share flushing to zero in fp16")
-        ax2.set_xticks(range(u.shape[1]), u.columns, rotation=90, fontsize=7)
-        ax2.set_yticks(range(u.shape[0]), u.index, fontsize=7)
-        fig.colorbar(im2, ax=ax2, fraction=0.03)
+    ax.set_title(f"{title} in bits, log2(65504 / |x| max): red < 0 overflows", fontsize=HEATMAP_LABEL_PT + 1)
+    ax.set_yticks(range(data.shape[0]), data.index, fontsize=HEATMAP_LABEL_PT)
+    ax.set_xticks(range(data.shape[1]), [str(c) for c in data.columns], fontsize=HEATMAP_LABEL_PT)
+    ax.set_xlabel("layer", fontsize=HEATMAP_LABEL_PT)
+    ax.xaxis.set_ticks_position("top")
+    ax.xaxis.set_label_position("top")
+    bar = fig.colorbar(im, cax=fig.add_subplot(grid[0, 1]))
+    bar.ax.tick_params(labelsize=HEATMAP_LABEL_PT)
+    if flush is not None:
+        ax2 = fig.add_subplot(grid[1, 0])
+        if flush.empty:
+            ax2.text(0.5, 0.5, f"no site flushes {FLUSH_SHOWN_FROM:.0e} or more of its values to zero in fp16",
+                     ha="center", va="center", fontsize=HEATMAP_LABEL_PT, transform=ax2.transAxes)
+            ax2.set_axis_off()
+        else:
+            ax2.barh(range(len(flush)), flush["share"], color=COLORS["underflow"])
+            ax2.set_yticks(range(len(flush)), flush.index, fontsize=HEATMAP_LABEL_PT)
+            for y, (v, n) in enumerate(zip(flush["share"], flush["layers"])):
+                ax2.text(v, y, f" {v:.2%} (in {n} layer{'s' if n != 1 else ''})", va="center",
+                         fontsize=HEATMAP_LABEL_PT)
+            ax2.set_xscale("log")
+            ax2.set_xlim(FLUSH_SHOWN_FROM / 2, 5.0)  # room for the labels right of the bars
+            ax2.tick_params(axis="x", labelsize=HEATMAP_LABEL_PT)
+            ax2.set_title(f"underflow: the sites where values flush to zero in fp16 (largest share over the layers; "
+                          f"{len(data) - len(flush)} other sites: none)", fontsize=HEATMAP_LABEL_PT + 1)
     fig.tight_layout()
     return fig
 
@@ -144,6 +171,46 @@ def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None
 def profile_heatmap(profile, sites: list[str] | None = None):
     """heatmap_figure of a RangeProfile's own layer x site tables."""
     return heatmap_figure(profile.heatmap_frame("headroom_bits", sites), profile.heatmap_frame("frac_flush", sites))
+
+
+def module_headroom(profile) -> pd.DataFrame:
+    """Layers x module role (`input_layernorm`, `mlp.down_proj`, ...): the least fp16 headroom (bits) over every op
+    inside it. Comparable across a fix that changes the ops inside a module (e.g. SafeRMSNorm)."""
+    h = profile.heatmap_frame("headroom_bits")
+    if h.empty:
+        return h
+    return h.T.groupby(lambda site: site.split(":")[0], sort=False).min().T
+
+
+def heatmap_pair_figure(before, after, roles: list[str] | None = None, clip_bits: float = 16.0,
+                        titles: tuple[str, str] = ("before the fix", "after the fix")):
+    """Two profiles side by side (e.g. before and after `fix_precision`): layers x module role, the least fp16
+    headroom inside each module. `roles`: default, the roles where `before` overflows (headroom < 0) anywhere."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
+
+    b, a = module_headroom(before), module_headroom(after)
+    if roles is None:
+        roles = [r for r in b.columns if (b[r] < 0).any()] or list(b.columns)
+    missing = [r for r in roles if r not in b.columns or r not in a.columns]
+    if missing:
+        raise KeyError(f"Module role(s) {missing} not in both profiles; roles in both: "
+                       f"{sorted(set(b.columns) & set(a.columns))}.")
+    cmap = LinearSegmentedColormap.from_list("headroom", [COLORS["overflow"], "#ffffff", COLORS["headroom"]])
+    norm = TwoSlopeNorm(0.0, -clip_bits, clip_bits)
+    fig, axes = plt.subplots(1, 2, figsize=(HEATMAP_WIDTH_IN, 0.2 * len(b) + 2.0), sharey=True)
+    for ax, frame, title in zip(axes, (b, a), titles):
+        data = frame[roles].astype(float).clip(-clip_bits, clip_bits)
+        im = ax.imshow(data.values, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
+        ax.set_xticks(range(len(roles)), roles, fontsize=HEATMAP_LABEL_PT, rotation=20, ha="right")
+        ax.set_yticks(range(len(data)), [str(i) for i in data.index], fontsize=HEATMAP_LABEL_PT - 1)
+        worst = float(frame[roles].min().min())
+        ax.set_title(f"{title}: least headroom {worst:+.1f} bits", fontsize=HEATMAP_LABEL_PT + 1)
+    axes[0].set_ylabel("layer", fontsize=HEATMAP_LABEL_PT)
+    bar = fig.colorbar(im, ax=list(axes), fraction=0.04)
+    bar.set_label("fp16 headroom (bits; < 0 overflows)", fontsize=HEATMAP_LABEL_PT)
+    bar.ax.tick_params(labelsize=HEATMAP_LABEL_PT)
+    return fig
 
 
 def _bar_labels(ax, values, fmt) -> None:

@@ -87,6 +87,18 @@ def _precision_figures(report) -> list:
 FIGURES["analyze"] = _precision_figures
 
 
+def _ladder_figures(report) -> list:
+    """The compare step's accuracy ladder: top-1 agreement, KL and perplexity per rung."""
+    if not hasattr(report.details, "per_prompt"):
+        return []
+    from qeff_lab.views.precision import ladder_figure
+
+    return [ladder_figure(report.details)]
+
+
+FIGURES["compare"] = _ladder_figures
+
+
 def _step_figures(report) -> list:
     figs = []
     if report.step in FIGURES:

@@ -366,6 +366,13 @@ class Dashboard(StaticFallback, widgets.VBox):
             running.result = fn(*args, **kwargs)
             return running.result
 
+    def report(self, path, title: str | None = None):
+        """The static HTML report (views.report) of every row here: the model's steps and those run under this
+        dashboard that the model does not record (e.g. compare). Returns the path written."""
+        from qeff_lab.views.report import write_report
+
+        return write_report(self.model, path, title=title, steps=self.steps)
+
     def __repr__(self) -> str:
         # Short (front ends cut widget reprs at 110 characters) and the same on every run: step names, no
         # statuses or times ("reused" or "done" depends on the artifact cache).

@@ -118,12 +118,13 @@ def _steps_table_html(steps: dict) -> str:
     return f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{rows}</table>"
 
 
-def report_html(model, title: str | None = None) -> str:
-    """The whole run of `model` (its `steps`, graph, findings, plots) as one self-contained HTML page."""
+def report_html(model, title: str | None = None, steps: dict | None = None) -> str:
+    """The whole run of `model` (its `steps`, or `steps` given: e.g. a dashboard's, which adds the steps run under it
+    that the model does not record) with graph, findings and plots as one self-contained HTML page."""
     from qeff_lab import __version__
     from qeff_lab.views.dashboard import pending_stages, step_detail_html
 
-    steps = model.steps
+    steps = model.steps if steps is None else steps
     if not steps:
         raise ValueError(f"{type(model).__name__} has no steps recorded yet: load it (from_pretrained) first.")
     title = title or f"qeff_lab report: {model.model_name}"
@@ -184,11 +185,11 @@ def _graph_section(export_report) -> str:
     return "<h3>Graph</h3>" + graph_header_html(g) + io_table_html(g) + op_table_html(g)
 
 
-def write_report(model, path: str | Path, title: str | None = None) -> Path:
+def write_report(model, path: str | Path, title: str | None = None, steps: dict | None = None) -> Path:
     """Write report_html(model) to `path` (folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(model, title=title), encoding="utf-8")
+    path.write_text(report_html(model, title=title, steps=steps), encoding="utf-8")
     return path
 
 

@@ -232,7 +232,7 @@ def test_stored_output_carries_a_static_html_copy(compiled_tiny):
     assert "not run yet" in static and "run the notebook" in static
 
 
-def test_compare_step_opens_the_ladder_view(fresh_tiny):
+def test_compare_step_opens_the_ladder_view(fresh_tiny, tmp_path):
     from qeff_lab.accuracy.ladder import LadderReport, SUMMARY_COLUMNS
 
     summary = pd.DataFrame([
@@ -253,6 +253,8 @@ def test_compare_step_opens_the_ladder_view(fresh_tiny):
     html_part, image = view.children
     assert "accuracy ladder" in html_part.value and "Paris." in html_part.value
     assert isinstance(image, widgets.Image) and image.value[:4] == b"\x89PNG"
+    page = dash.report(tmp_path / "report.html").read_text()  # the report covers the dashboard's steps too
+    assert "id='step-compare'" in page and "Paris." in page and "compare plot 1" in page
 
 
 def test_redrawing_frees_the_old_widgets(compiled_tiny):

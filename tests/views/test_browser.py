@@ -28,7 +28,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # A closed network: no background connections, no updates, no sync (JUPYTER.md).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-RUN_ALL_TIMEOUT_S = 300
+RUN_ALL_TIMEOUT_S = 420  # the tour now runs the accuracy ladder too (compare)
 
 from playwright import sync_api as playwright_api  # noqa: E402  (pinned in requirements.lock; never `playwright install`)
 if not Path(CHROMIUM).exists():
@@ -289,46 +289,62 @@ def stored_page(lab, browser):
     context.close()
 
 
+def cell_index(name: str, needle: str) -> int:
+    cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+    return next(i for i, c in enumerate(cells) if needle in "".join(c["source"]))
+
+
+def show_cell(page, index: int):
+    """Scroll JupyterLab's (windowed) notebook to cell `index` and return that cell once it is drawn."""
+    page.evaluate("i => window.jupyterapp.shell.currentWidget.content.scrollToItem(i, 'start')", index)
+    cell = page.locator(f".jp-NotebookPanel:visible .jp-Cell[data-windowed-list-index='{index}']")
+    cell.wait_for(timeout=15_000)
+    page.wait_for_timeout(500)
+    return cell
+
+
 def test_stored_tour_shows_the_dashboard_before_running(stored_page, lab):
     """Opened as saved (no kernel has run it here): the widgets' static copies render in their place."""
     page = stored_page
     open_stored(page, lab, "00_tour")
-    static = page.locator(".qeff-static .qeff-dashboard-static")
-    assert static.count() == 2, static.count()  # both displays of the dashboard
-    final = static.nth(1).inner_text()
-    for step in ("load", "analyze", "export", "onnx passes", "compile", "generate", "compare"):
-        assert step in final, step
-    assert "Error displaying widget" not in page.inner_text(".jp-Notebook")
-    graph = page.locator(".qeff-static").filter(has_text="op counts before / after the ONNX passes")
-    assert graph.count() == 1  # the graph view's tables, without netron
-    static.nth(1).scroll_into_view_if_needed()
     ARTIFACTS.mkdir(exist_ok=True)
-    static.nth(1).screenshot(path=str(ARTIFACTS / "stored-tour-dashboard.png"))
+    first = show_cell(page, cell_index("00_tour", "dash = model.dashboard()")).locator(".qeff-static .qeff-dashboard-static")
+    assert first.count() == 1 and "not run yet: model.analyze(prompts)" in first.inner_text()
+    final = show_cell(page, cell_index("00_tour", 'dash.select("compile")')).locator(".qeff-static .qeff-dashboard-static")
+    assert final.count() == 1
+    text = final.inner_text()
+    for step in ("load", "analyze", "export", "onnx passes", "compile", "generate", "compare"):
+        assert step in text, step
+    assert "specializations" in text and "device compile command" in text  # the selected step's view
+    final.screenshot(path=str(ARTIFACTS / "stored-tour-dashboard.png"))
+    graph = show_cell(page, cell_index("00_tour", "graph = graph_view(")).locator(".qeff-static")
+    assert graph.count() == 1 and "op counts before / after the ONNX passes" in graph.inner_text()
+    assert "Error displaying widget" not in page.locator(".jp-NotebookPanel:visible").inner_text()
 
 
 def test_stored_notebooks_read_well_and_the_heatmap_labels_are_readable(stored_page, lab):
-    """Each stored notebook (as Run All left it): screenshots down the page; no plot shrunk below its size; the
-    heatmap's labels at least 10 px tall as rendered."""
+    """Each stored notebook (as Run All left it): screenshots down the page; no plot shrunk much below its size;
+    the heatmap's labels at least 10 px tall as rendered."""
     from qeff_lab.views.precision import HEATMAP_LABEL_PT
 
     page = stored_page
     ARTIFACTS.mkdir(exist_ok=True)
     for name in STORED:
         open_stored(page, lab, name)
-        panel = page.locator(".jp-NotebookPanel-notebook").first
+        panel = page.locator(".jp-NotebookPanel:visible .jp-NotebookPanel-notebook")
         height = panel.evaluate("el => el.scrollHeight")
+        scales = []
         for k, top in enumerate(range(0, height, 950)):
             panel.evaluate(f"el => el.scrollTo(0, {top})")
-            page.wait_for_timeout(300)
+            page.wait_for_timeout(400)
             page.screenshot(path=str(ARTIFACTS / f"{name}-{k:02d}.png"))
-        scales = page.evaluate("""() => Array.from(document.querySelectorAll('.jp-OutputArea-output img'))
-            .filter(i => i.naturalWidth > 0).map(i => i.getBoundingClientRect().width / i.naturalWidth)""")
+            scales += panel.evaluate("""el => Array.from(el.querySelectorAll('.jp-OutputArea-output img'))
+                .filter(i => i.naturalWidth > 0).map(i => i.getBoundingClientRect().width / i.naturalWidth)""")
         assert all(s > 0.85 for s in scales), (name, scales)  # plots are drawn for the notebook's width
         if name == "03_precision_and_overflow":
-            cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
-            index = next(i for i, c in enumerate(cells) if "profile_heatmap(report.profile)" in "".join(c["source"]))
-            image = page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-OutputArea-output img")
-            image.scroll_into_view_if_needed()
+            cell = show_cell(page, cell_index(name, "profile_heatmap(report.profile)"))
+            image = cell.locator(".jp-OutputArea-output img")
+            page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=15_000)
             scale = image.evaluate("i => i.getBoundingClientRect().width / i.naturalWidth")
             label_px = HEATMAP_LABEL_PT * 100 / 72 * scale  # drawn at 100 dpi
             assert label_px >= 10, (label_px, scale)

@@ -109,12 +109,16 @@ def compare_step_view(report) -> widgets.Widget:
     details = report.details
     if not hasattr(details, "summary") or not hasattr(details, "per_prompt"):
         return default_step_view(report)
-    import base64
+    import io
+
+    import matplotlib.pyplot as plt
 
     from qeff_lab.views.precision import ladder_figure
-    from qeff_lab.views.report import figure_png_base64
 
-    png = base64.b64decode(figure_png_base64(ladder_figure(details)))
+    fig, buf = ladder_figure(details), io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    png = buf.getvalue()
     image = widgets.Image(value=png, format="png", layout=widgets.Layout(max_width="100%"))
     view = widgets.VBox([default_step_view(report), image])
     view.add_class("qeff-compare-view")
@@ -369,9 +373,9 @@ class Dashboard(StaticFallback, widgets.VBox):
     def report(self, path, title: str | None = None):
         """The static HTML report (views.report) of every row here: the model's steps and those run under this
         dashboard that the model does not record (e.g. compare). Returns the path written."""
-        from qeff_lab.views.report import write_report
+        from qeff_lab.pipeline import show  # the registered report view (views.report imports this module)
 
-        return write_report(self.model, path, title=title, steps=self.steps)
+        return show(self.model, "report", path, title=title, steps=self.steps)
 
     def __repr__(self) -> str:
         # Short (front ends cut widget reprs at 110 characters) and the same on every run: step names, no

@@ -87,7 +87,6 @@ def render_transform(result) -> str:
 
 
 def _details_html(details: Any) -> str:
-    from qeff_lab.compile import CompileResult
     from qeff_lab.onnx.export import ExportResult
     from qeff_lab.pipeline import TransformResult
 
@@ -100,11 +99,7 @@ def _details_html(details: Any) -> str:
     if isinstance(details, ExportResult):
         return (f"<div>{html.escape(str(details.path))}</div>"
                 + "".join(render_transform(p) for p in details.passes))
-    if isinstance(details, CompileResult):
-        from qeff_lab.views.compile import render_compile_result
-
-        return render_compile_result(details)
-    if hasattr(details, "_repr_html_"):  # reports that draw themselves (e.g. precision.PrecisionReport)
+    if hasattr(details, "_repr_html_"):  # reports that draw themselves (a CompileResult, a PrecisionReport, ...)
         return details._repr_html_()
     return f"<pre>{html.escape(repr(details))}</pre>" if details is not None else ""
 

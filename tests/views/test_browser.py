@@ -320,32 +320,3 @@ def test_stored_tour_shows_the_dashboard_before_running(stored_page, lab):
     graph = show_cell(page, cell_index("00_tour", "graph = graph_view(")).locator(".qeff-static")
     assert graph.count() == 1 and "op counts before / after the ONNX passes" in graph.inner_text()
     assert "Error displaying widget" not in page.locator(".jp-NotebookPanel:visible").inner_text()
-
-
-def test_stored_notebooks_read_well_and_the_heatmap_labels_are_readable(stored_page, lab):
-    """Each stored notebook (as Run All left it): screenshots down the page; no plot shrunk much below its size;
-    the heatmap's labels at least 10 px tall as rendered."""
-    from qeff_lab.views.precision import HEATMAP_LABEL_PT
-
-    page = stored_page
-    ARTIFACTS.mkdir(exist_ok=True)
-    for name in STORED:
-        open_stored(page, lab, name)
-        panel = page.locator(".jp-NotebookPanel:visible .jp-NotebookPanel-notebook")
-        height = panel.evaluate("el => el.scrollHeight")
-        scales = []
-        for k, top in enumerate(range(0, height, 950)):
-            panel.evaluate(f"el => el.scrollTo(0, {top})")
-            page.wait_for_timeout(400)
-            page.screenshot(path=str(ARTIFACTS / f"{name}-{k:02d}.png"))
-            scales += panel.evaluate("""el => Array.from(el.querySelectorAll('.jp-OutputArea-output img'))
-                .filter(i => i.naturalWidth > 0).map(i => i.getBoundingClientRect().width / i.naturalWidth)""")
-        assert all(s > 0.85 for s in scales), (name, scales)  # plots are drawn for the notebook's width
-        if name == "03_precision_and_overflow":
-            cell = show_cell(page, cell_index(name, "profile_heatmap(report.profile)"))
-            image = cell.locator(".jp-OutputArea-output img")
-            page.wait_for_function("() => Array.from(document.images).every(i => i.complete)", timeout=15_000)
-            scale = image.evaluate("i => i.getBoundingClientRect().width / i.naturalWidth")
-            label_px = HEATMAP_LABEL_PT * 100 / 72 * scale  # drawn at 100 dpi
-            assert label_px >= 10, (label_px, scale)
-            image.screenshot(path=str(ARTIFACTS / "heatmap.png"))

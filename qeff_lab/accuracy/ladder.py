@@ -262,6 +262,7 @@ def causal_lm_ladder(hf_model: torch.nn.Module, tokenizer, prompts: Sequence[str
     rung_options.setdefault("ctx_len", 1 << (ctx - 1).bit_length())
     report = run_ladder(causal_lm_rungs(hf_model, qeff_model, **rung_options), prompt_ids, text_ids, generation_len,
                         progress)
+    report.per_prompt["text"] = [tokenizer.decode(t) for t in report.per_prompt["tokens"]]  # each rung's own words
     report.notes.append(f"{len(prompts)} prompt(s), {generation_len} new tokens each; perplexity and logit "
                         f"differences over the first {len(text_ids)} tokens of {TEXT}")
     return report

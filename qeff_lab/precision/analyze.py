@@ -24,12 +24,16 @@ class PrecisionReport(HtmlRepr):
     tokens: int = 0
     seconds: float = 0.0
 
+    @property
+    def sites(self) -> int:
+        """Distinct places profiled (module path + op + intermediate [+ ONNX node])."""
+        return len({r.place for r in self.profile.records})
+
     def summary(self) -> str:
         """One line: what was profiled (sites) and the findings' headline (causes over places; see findings.py)."""
         where = "" if self.profile.source == "pytorch" else f" on the {self.profile.source.upper()} graph"
-        sites = len({r.place for r in self.profile.records})
-        return (f"{self.inputs} input(s), {self.tokens} tokens{where}: {sites} sites profiled; "
-                f"{self.findings.headline()}")
+        return (f"{self.inputs} input(s), {self.tokens} tokens{where}, {self.sites} sites profiled; "
+                f"findings: {self.findings.headline()}")
 
     def __repr__(self) -> str:
         return f"<PrecisionReport {self.summary()}>"

@@ -5,10 +5,10 @@ Importing this package registers each view with `qeff_lab.pipeline.register_view
 from qeff_lab.views.tables import html_table, render_steps, render_step, render_transform, steps_widget
 
 from qeff_lab.views.compile import render_compile_result
-from qeff_lab.views.dashboard import Dashboard, dashboard
-from qeff_lab.views.generation import render_generation, render_swap_summary
+from qeff_lab.views.dashboard import STEP_SUMMARIES, Dashboard, dashboard
+from qeff_lab.views.generation import render_generation
 from qeff_lab.views.graph import NetronServer, graph_view
-from qeff_lab.views.precision import render_findings, render_ladder, render_profile, render_report
+from qeff_lab.views.precision import ladder_summary, render_findings, render_ladder, render_profile, render_report
 from qeff_lab.views.report import report_html, write_report
 from qeff_lab.views.serving import SlotView, render_serving  # noqa: F401  registers the ServingMetrics view
 
@@ -26,12 +26,13 @@ def _register() -> None:
 
     for cls, render in [
         (TransformResult, render_transform), (StepReport, render_step), (QEFFBaseModel, render_steps),
-        (SwapResult, lambda r: render_swap_summary(r) + render_transform(r)),
+        (SwapResult, render_transform),
         (CompileResult, render_compile_result), (GenerationResult, render_generation),
         (PrecisionReport, render_report), (Findings, render_findings), (RangeProfile, render_profile),
         (LadderReport, render_ladder),
     ]:
         register_view(cls, "html", render)
+    STEP_SUMMARIES["LadderReport"] = ladder_summary
     register_view(QEFFBaseModel, "dashboard", dashboard)
     register_view(QEFFBaseModel, "report", write_report)
 

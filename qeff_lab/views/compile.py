@@ -19,4 +19,15 @@ def render_compile_result(result) -> str:
             + html_table(pd.DataFrame(result.specializations), caption="specializations")
             + opts_html
             + f"<div style='font-size:11px'>artifacts: {html.escape(', '.join(result.artifacts))}</div>"
+            + f"<div style='font-size:12px;margin-top:4px'><b>{html.escape(command_label(result))}</b></div>"
             + f"<pre style='white-space:pre-wrap;font-size:11px'>{html.escape(result.command_line)}</pre>")
+
+
+def command_label(result) -> str:
+    """What the command line below it is: the one that ran, or the one a Cloud AI 100 machine would run."""
+    if result.dry_run:
+        return "device compile command (dry run: written, not run)"
+    if result.backend == "qaic":
+        return "device compile command (run)"
+    return (f"device compile command (not run here: {result.backend} ran this graph; "
+            "on a machine with the Cloud AI 100 SDK this is what compiles it)")

@@ -5,13 +5,15 @@ import html
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ipywidgets as widgets
 import pandas as pd
 
 from qeff_lab.contracts import Step
-from qeff_lab.views.tables import COLORS, _badge, _details_html
+from qeff_lab.views.fallback import StaticFallback
+from qeff_lab.views.tables import CELL_STYLE, COLORS, TABLE_STYLE, _badge, _details_html
 
 # The stages a model goes through, in order. A stage counts as run when any of its step names is in model.steps;
 # the ones not run yet are listed after the recorded steps, greyed out.
@@ -26,6 +28,15 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     (Step.COMPARE, (Step.COMPARE,)),
 ]
 PASSES_ROW = "onnx passes"  # shown under "export", from the export step's own report
+# What a pending stage's row says: how to run it (shown as its summary and its button's tooltip).
+HOW_TO_RUN = {
+    Step.ANALYZE: "model.analyze(prompts)",
+    Step.EXPORT: "model.export()",
+    Step.COMPILE: "model.compile(...)",
+    Step.GENERATE: "model.generate(tokenizer, prompts)",
+    Step.COMPARE: "dash.run(\"compare\", causal_lm_ladder, hf_model, tokenizer, prompts, qeff_model=model): "
+                  "accuracy before / after, rung by rung",
+}
 
 # step name (or kind of details) -> a function building that step's view widget; other owners may register theirs.
 STEP_VIEWS: dict[str, Callable[[Any], widgets.Widget]] = {}
@@ -50,11 +61,14 @@ def pending_stages(steps: dict) -> list[str]:
     return [stage for stage, names in STAGES if not any(n in steps for n in names)]
 
 
-def step_detail_html(report) -> str:
-    """The HTML for one step's details: the object's own _repr_html_ when it has one, else the shared renderers."""
+def step_detail_html(report, body: str | None = None) -> str:
+    """The HTML for one step's details: the object's own _repr_html_ when it has one, else the shared renderers
+    (`body`: this HTML instead)."""
     details = report.details
     head = (f"<div class='qeff-step-head'><b>{html.escape(report.step)}</b> {_badge(report.status)} "
             f"{_fmt_seconds(report.seconds)} — {html.escape(report.summary)}</div>")
+    if body is not None:
+        return head + body
     if hasattr(details, "_repr_html_") and not isinstance(details, (pd.DataFrame, dict, list)):
         try:
             return head + details._repr_html_()
@@ -89,6 +103,31 @@ def passes_step_view(report) -> widgets.Widget:
     return widgets.HTML("<div><b>ONNX passes</b> (part of export)</div>" + "".join(render_transform(p) for p in passes))
 
 
+def compare_step_view(report) -> widgets.Widget:
+    """The compare step: the accuracy ladder's table and generated texts, and its figure (log-scale perplexity,
+    top-1 agreement, KL per rung)."""
+    details = report.details
+    if not hasattr(details, "summary") or not hasattr(details, "per_prompt"):
+        return default_step_view(report)
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from qeff_lab.views.precision import ladder_figure
+
+    fig, buf = ladder_figure(details), io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    png = buf.getvalue()
+    image = widgets.Image(value=png, format="png", layout=widgets.Layout(max_width="100%"))
+    view = widgets.VBox([default_step_view(report), image])
+    view.add_class("qeff-compare-view")
+    return view
+
+
+STEP_VIEWS[Step.COMPARE] = compare_step_view
+
+
 class _Running:
     """The state of a step being run under the dashboard: elapsed time ticks, progress when the step reports it."""
 
@@ -105,14 +144,18 @@ class _Running:
         self.note = note
 
 
-class Dashboard(widgets.VBox):
+class Dashboard(StaticFallback, widgets.VBox):
     """The pipeline of one model at a glance.
 
     One row per recorded step (status badge, duration, one-line summary) plus the stages still to come; click a
     step's button to open its view below. `with dash.watch("compile"): model.compile(...)` (or
     `dash.run("compile", model.compile, ...)`) shows the step as running, with elapsed time and progress, while it
     works, and refreshes from `model.steps` when it ends. `refresh()` redraws after steps run elsewhere.
+    A row's time is the step's own report's; when the call under the dashboard took longer (a session opened,
+    inputs tokenized), the row says so. Stored in a notebook, it carries a static HTML copy (`static_html()`).
     """
+
+    static_note = "a static copy of the dashboard: run the notebook to click through the steps"
 
     def __init__(self, model, tick: float = 0.5):
         self.model = model
@@ -120,6 +163,7 @@ class Dashboard(widgets.VBox):
         self.selected: str | None = None
         self.running: _Running | None = None
         self.observed: dict[str, Any] = {}  # steps run under watch() that the model did not record itself
+        self.wall: dict[str, float] = {}  # seconds each call under watch() took, start to end
         self.buttons: dict[str, widgets.Button] = {}
         self.header = widgets.HTML()
         self.table = widgets.GridBox(layout=widgets.Layout(
@@ -154,8 +198,8 @@ class Dashboard(widgets.VBox):
         rows = []
         for name, r in steps.items():
             while waiting and name in stage_of and waiting[0][0] < stage_of[name]:
-                rows.append((waiting.pop(0)[1], "pending", None, "not run yet"))
-            rows.append((name, r.status, r.seconds, r.summary))
+                rows.append(self._pending_row(waiting.pop(0)[1]))
+            rows.append((name, r.status, r.seconds, r.summary + self._wall_note(name, r)))
             if name == "export" and getattr(r.details, "passes", None) is not None:
                 passes = r.details.passes
                 n = sum(len(p.changes) for p in passes)
@@ -163,10 +207,23 @@ class Dashboard(widgets.VBox):
                              f"{len(passes)} pass(es), {n} change(s): " + "; ".join(p.summary() for p in passes)))
         if running is not None and running not in steps:
             while waiting and running in stage_of and waiting[0][0] < stage_of[running]:
-                rows.append((waiting.pop(0)[1], "pending", None, "not run yet"))
+                rows.append(self._pending_row(waiting.pop(0)[1]))
             rows.append((running, "running", None, "…"))
-        rows += [(stage, "pending", None, "not run yet") for _, stage in waiting]
+        rows += [self._pending_row(stage) for _, stage in waiting]
         return rows
+
+    @staticmethod
+    def _pending_row(stage: str) -> tuple[str, str, None, str]:
+        how = HOW_TO_RUN.get(stage)
+        return (stage, "pending", None, f"not run yet: {how}" if how else "not run yet")
+
+    def _wall_note(self, name: str, report) -> str:
+        """When the call under watch() took clearly longer than the step's own time, say what the row shows."""
+        wall = self.wall.get(name)
+        if wall is None or name in self.observed or wall < report.seconds * 1.2 + 0.2:
+            return ""
+        return (f" · the call took {_fmt_seconds(wall)} in all; the row shows the step's own time "
+                "(e.g. prefill + decode), the rest opened the session and prepared inputs")
 
     def refresh(self) -> None:
         old = self.table.children
@@ -176,7 +233,8 @@ class Dashboard(widgets.VBox):
             if self.running is not None and name == self.running.step:
                 status, seconds = "running", time.perf_counter() - self.running.start
                 summary = self.running.note or "running…"
-            button = widgets.Button(description=name, tooltip=f"open the {name} view",
+            tip = f"open the {name} view" if status != "pending" else f"not run yet: {HOW_TO_RUN.get(name, name)}"
+            button = widgets.Button(description=name, tooltip=tip,
                                     disabled=status in ("pending", "running"),
                                     layout=widgets.Layout(width="145px"))
             if name == PASSES_ROW:
@@ -192,11 +250,32 @@ class Dashboard(widgets.VBox):
         self.table.children = cells
         for w in old:  # the rows are rebuilt: free the old widgets (front-end models included)
             close_widget(w)
+        self.header.value = self._header_html("Click a step to see it.")
+
+    def _header_html(self, tail: str) -> str:
         done = sum(1 for r in self.steps.values() if r.status in ("done", "reused"))
         total = sum(r.seconds for r in self.steps.values())
-        self.header.value = (f"<div style='font-size:14px'><b>{html.escape(type(self.model).__name__)}</b> "
-                             f"{html.escape(self.model.model_name)} — {done} step(s) done, {_fmt_seconds(total)} "
-                             f"in all. Click a step to see it.</div>")
+        return (f"<div style='font-size:14px'><b>{html.escape(type(self.model).__name__)}</b> "
+                f"{html.escape(self.model.model_name)} — {done} step(s) done, {_fmt_seconds(total)} "
+                f"in all. {tail}</div>")
+
+    def static_html(self) -> str:
+        """The dashboard as static HTML: the header, one row per step (pending stages included), and the view of
+        the selected step (HTML parts only)."""
+        head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{h}</th>"
+                       for h in ("step", "status", "time", "summary"))
+        rows = "".join(
+            f"<tr><td style='{CELL_STYLE}'>{html.escape(name)}</td><td style='{CELL_STYLE}'>{_badge(status)}</td>"
+            f"<td style='{CELL_STYLE}'>{_fmt_seconds(seconds)}</td><td style='{CELL_STYLE};"
+            f"{'color:' + COLORS['muted'] if status == 'pending' else ''}'>{html.escape(summary)}</td></tr>"
+            for name, status, seconds, summary in self._rows())
+        detail = ""
+        if self.selected is not None:
+            report = self.steps["export"] if self.selected == PASSES_ROW else self.steps[self.selected]
+            detail = (f"<div style='margin-top:6px'>view of <b>{html.escape(self.selected)}</b>:</div>"
+                      + step_detail_html(report))
+        return (f"<div class='qeff-dashboard-static'>{self._header_html('')}"
+                f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{rows}</table>{detail}</div>")
 
     # ------------------------------------------------------------------ views
     def view_for(self, name: str) -> widgets.Widget:
@@ -269,6 +348,7 @@ class Dashboard(widgets.VBox):
             self._ticker.join()
             self._ticker = None
             running, self.running = self.running, None
+            self.wall[step] = time.perf_counter() - running.start
             if failed is None and self.model.steps.get(step) is before:
                 self.observed[step] = _observed_report(step, running)
             self.progress.layout.visibility = "hidden"
@@ -289,6 +369,13 @@ class Dashboard(widgets.VBox):
         with self.watch(step) as running:
             running.result = fn(*args, **kwargs)
             return running.result
+
+    def report(self, path, title: str | None = None):
+        """The static HTML report (views.report) of every row here: the model's steps and those run under this
+        dashboard that the model does not record (e.g. compare). Returns the path written."""
+        from qeff_lab.pipeline import show  # the registered report view (views.report imports this module)
+
+        return show(self.model, "report", path, title=title, steps=self.steps)
 
     def __repr__(self) -> str:
         # Short (front ends cut widget reprs at 110 characters) and the same on every run: step names, no
@@ -312,17 +399,31 @@ def close_widget(w: widgets.Widget) -> None:
     w.close()
 
 
+# class name -> a one-line summary of what a step run under the dashboard returned (other owners may add theirs)
+STEP_SUMMARIES: dict[str, Callable[[Any], str]] = {}
+
+
+def result_summary(result) -> str:
+    """A one-line summary of what a step returned, in words (never a bare class name)."""
+    for cls in type(result).__mro__:
+        if cls.__name__ in STEP_SUMMARIES:
+            return STEP_SUMMARIES[cls.__name__](result)
+    summary = getattr(result, "summary", None)
+    summary = summary() if callable(summary) else summary
+    if isinstance(summary, str):
+        return summary
+    if result is None:
+        return "done"
+    if isinstance(result, (str, int, float, Path)):
+        return str(result) if not isinstance(result, Path) else f"wrote {result.name}"
+    return "done: click to see what it returned"
+
+
 def _observed_report(step: str, running: _Running):
     from qeff_lab.pipeline import StepReport
 
-    result = running.result
-    summary = getattr(result, "summary", None)
-    summary = summary() if callable(summary) else summary
-    if not isinstance(summary, str):
-        text = repr(result)
-        summary = ("done" if result is None else text.strip("<>") if len(text) <= 120 and " at 0x" not in text
-                   else f"returned {type(result).__name__}")
-    return StepReport(step, "done", time.perf_counter() - running.start, summary, result)
+    return StepReport(step, "done", time.perf_counter() - running.start, result_summary(running.result),
+                      running.result)
 
 
 def dashboard(model) -> Dashboard:

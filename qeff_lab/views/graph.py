@@ -5,14 +5,17 @@ import atexit
 import html
 import logging
 import os
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import ipywidgets as widgets
+import pandas as pd
 
 from qeff_lab.onnx.inspect import GraphReport, graph_report, weightless_copy
-from qeff_lab.views.tables import COLORS, html_table
+from qeff_lab.views.fallback import StaticFallback
+from qeff_lab.views.tables import COLORS, details_html, html_table
 
 LARGE_LAYOUT = 2000  # nodes: above this netron's in-browser layout takes a minute or more
 WEIGHTLESS_ABOVE = 32 << 20  # serve netron a weights-free copy of graphs larger than this (browsers choke on GBs)
@@ -156,11 +159,27 @@ def graph_header_html(report: GraphReport) -> str:
             f"({report.weight_bytes / 2**20:.1f} MiB), opset {html.escape(opsets)}{html.escape(funcs)}</div>")
 
 
+def io_summary_frame(report: GraphReport) -> pd.DataFrame:
+    """Inputs and outputs with numbered names folded: `past_key.{i}` (i = 0..29) is one row with its count."""
+    df = report.io_frame()
+    df["name"] = [re.sub(r"(?<=[._])\d+(?=[._]|$)", "{i}", n) for n in df["name"]]
+    return (df.groupby(["kind", "name", "dtype", "shape"], sort=False).size().reset_index(name="count")
+            [["kind", "count", "name", "dtype", "shape"]])
+
+
 def io_table_html(report: GraphReport) -> str:
-    return html_table(report.io_frame(), caption="inputs and outputs")
+    """The inputs and outputs, numbered ones folded (the full list one click away when folding helped)."""
+    full = report.io_frame()
+    folded = io_summary_frame(report)
+    if len(folded) == len(full):
+        return html_table(full, caption="inputs and outputs", max_rows=len(full))
+    return (html_table(folded, caption=f"inputs and outputs ({len(full)} tensors; numbered names folded)",
+                       css_class="qeff-summary")
+            + details_html(f"all {len(full)} inputs and outputs", html_table(full, max_rows=len(full))))
 
 
-def op_table_html(report: GraphReport, max_rows: int = 40) -> str:
+def op_table_html(report: GraphReport, max_rows: int = 12) -> str:
+    """Op counts before / after the passes: the most frequent first, every op type one click away."""
     frame = report.op_frame()
     note = ""
     if report.op_counts_before is None:
@@ -169,7 +188,14 @@ def op_table_html(report: GraphReport, max_rows: int = 40) -> str:
     elif frame["change"].eq("").all():
         note = ("<div style='font-size:11px;color:%s'>the passes changed no node counts (they rewrite constants and "
                 "storage, not ops)</div>" % COLORS["muted"])
-    return html_table(frame, caption="op counts before / after the ONNX passes", max_rows=max_rows) + note
+    caption = "op counts before / after the ONNX passes"
+    if len(frame) <= max_rows:
+        return html_table(frame, caption=caption, max_rows=len(frame)) + note
+    custom = frame[frame["op"].str.contains("::")]
+    top = pd.concat([frame.head(max_rows), custom]).drop_duplicates("op")
+    return (html_table(top, caption=f"{caption}: the {max_rows} most frequent and the custom ops "
+                                    f"(of {len(frame)} op types)", max_rows=len(top))
+            + details_html(f"all {len(frame)} op types", html_table(frame, max_rows=len(frame))) + note)
 
 
 def passes_html(report: GraphReport) -> str:
@@ -178,9 +204,23 @@ def passes_html(report: GraphReport) -> str:
     return "".join(render_transform(p) for p in report.passes)
 
 
+def graph_tables_html(report: GraphReport) -> str:
+    """The tables beside netron: I/O, op counts, what the passes did (each summarised)."""
+    return io_table_html(report) + op_table_html(report) + passes_html(report)
+
+
+# The side panel: narrow, so its tables wrap long names instead of widening the box; it scrolls vertically.
+SIDE_STYLE = ("<style>.qeff-graph-tables table{max-width:100%;table-layout:auto}"
+              ".qeff-graph-tables td,.qeff-graph-tables th{overflow-wrap:anywhere;font-size:11px}</style>")
+NETRON_CONSENT = ("netron may first show a cookie notice over the graph (it asks once per browser): "
+                  "accept it to see the graph.")
+
+
 # ----------------------------------------------------------------------------- the widget
-class GraphView(widgets.VBox):
-    """netron (when started) beside the op-count and I/O tables. `stop()` ends its netron server."""
+class GraphView(StaticFallback, widgets.VBox):
+    """netron (when started) beside the I/O, op-count and passes tables. `stop()` ends its netron server."""
+
+    static_note = "a static copy of the graph view: run the notebook to browse the graph in netron"
 
     def __init__(self, report: GraphReport, netron: bool = True, height: int = 520,
                  netron_outputs: list[str] | None = None):
@@ -188,28 +228,34 @@ class GraphView(widgets.VBox):
         self.netron_outputs = list(netron_outputs) if netron_outputs else None
         self.server: NetronServer | None = None
         self.height = height
-        self.frame = widgets.HTML(layout=widgets.Layout(width="62%"))
+        self.frame = widgets.HTML(layout=widgets.Layout(width="60%", min_width="0"))
         self.open_button = widgets.Button(description="Open in netron", icon="sitemap",
                                           tooltip="Start netron for this graph (a local server in this kernel)")
         self.stop_button = widgets.Button(description="Stop netron", icon="stop", disabled=True)
+        self.netron_note = widgets.HTML()
+        self.netron_note.add_class("qeff-netron-state")
         self.open_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
-        side = widgets.HTML(io_table_html(report) + op_table_html(report) + passes_html(report),
-                            layout=widgets.Layout(width="38%", max_height=f"{height + 40}px", overflow="auto"))
+        side = widgets.HTML(SIDE_STYLE + graph_tables_html(report), layout=widgets.Layout(
+            width="40%", min_width="0", max_height=f"{height + 40}px", overflow_y="auto", overflow_x="hidden"))
         side.add_class("qeff-graph-tables")
         self.add_class("qeff-graph-view")
         super().__init__(children=[
             widgets.HTML(graph_header_html(report)),
-            widgets.HBox([self.open_button, self.stop_button]),
-            widgets.HBox([self.frame, side]),
+            widgets.HBox([self.open_button, self.stop_button, self.netron_note], layout=widgets.Layout(align_items="center")),
+            widgets.HBox([self.frame, side], layout=widgets.Layout(width="100%")),
         ])
         self._show_stopped()
         if netron:
             self.start()
 
+    def static_html(self) -> str:
+        return graph_header_html(self.report) + graph_tables_html(self.report)
+
     def _show_stopped(self) -> None:
         self.frame.value = (f"<div style='color:{COLORS['muted']};padding:8px'>netron is not running — "
                             "press <i>Open in netron</i> to browse the graph.</div>")
+        self.netron_note.value = ""
 
     def start(self) -> None:
         if self.server is None:
@@ -230,14 +276,19 @@ class GraphView(widgets.VBox):
         if proxy_prefix() is not None:
             note += (f"<div style='font-size:11px;color:{COLORS['muted']}'>served through jupyter-server-proxy "
                      "(JUPYTERHUB_SERVICE_PREFIX)</div>")
+        note += f"<div style='font-size:11px;color:{COLORS['muted']}'>{html.escape(NETRON_CONSENT)}</div>"
         self.frame.value = self.server.iframe_html(self.height) + note
         self.open_button.disabled, self.stop_button.disabled = True, False
+        self.open_button.tooltip = "netron is already running below; Stop netron ends it"
+        self.netron_note.value = (f"<span style='font-size:12px;color:{COLORS['muted']}'>netron is running below "
+                            "(<i>Open in netron</i> is off until you stop it)</span>")
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
         self._show_stopped()
         self.open_button.disabled, self.stop_button.disabled = False, True
+        self.open_button.tooltip = "Start netron for this graph (a local server in this kernel)"
 
     def __repr__(self) -> str:
         state = "netron running" if self.server is not None and self.server.running else "netron stopped"

@@ -87,6 +87,18 @@ def _precision_figures(report) -> list:
 FIGURES["analyze"] = _precision_figures
 
 
+def _ladder_figures(report) -> list:
+    """The compare step's accuracy ladder: top-1 agreement, KL and perplexity per rung."""
+    if not hasattr(report.details, "per_prompt"):
+        return []
+    from qeff_lab.views.precision import ladder_figure
+
+    return [ladder_figure(report.details)]
+
+
+FIGURES["compare"] = _ladder_figures
+
+
 def _step_figures(report) -> list:
     figs = []
     if report.step in FIGURES:
@@ -106,12 +118,13 @@ def _steps_table_html(steps: dict) -> str:
     return f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{rows}</table>"
 
 
-def report_html(model, title: str | None = None) -> str:
-    """The whole run of `model` (its `steps`, graph, findings, plots) as one self-contained HTML page."""
+def report_html(model, title: str | None = None, steps: dict | None = None) -> str:
+    """The whole run of `model` (its `steps`, or `steps` given: e.g. a dashboard's, which adds the steps run under it
+    that the model does not record) with graph, findings and plots as one self-contained HTML page."""
     from qeff_lab import __version__
     from qeff_lab.views.dashboard import pending_stages, step_detail_html
 
-    steps = model.steps
+    steps = model.steps if steps is None else steps
     if not steps:
         raise ValueError(f"{type(model).__name__} has no steps recorded yet: load it (from_pretrained) first.")
     title = title or f"qeff_lab report: {model.model_name}"
@@ -140,8 +153,16 @@ def report_html(model, title: str | None = None) -> str:
         parts.append("<h2 id='findings'>Findings</h2>")
         parts += [f"<div class='meta'>from {html.escape(n)}</div>" + body for n, body in all_findings]
 
+    shown_above = {n for n, _ in all_findings}
     for name, rep in steps.items():
-        parts.append(f"<section id='step-{html.escape(name)}'><h2>{html.escape(name)}</h2>{step_detail_html(rep)}")
+        if name in shown_above and hasattr(rep.details, "findings") and hasattr(rep.details, "profile"):
+            from qeff_lab.views.precision import render_report
+
+            detail = (step_detail_html(rep, body=render_report(rep.details, findings=False))
+                      + "<div class='meta'><a href='#findings'>its findings: above</a></div>")
+        else:
+            detail = step_detail_html(rep)
+        parts.append(f"<section id='step-{html.escape(name)}'><h2>{html.escape(name)}</h2>{detail}")
         for i, fig in enumerate(_step_figures(rep)):
             parts.append(img_html(fig, f"{name} plot {i + 1}"))
         if name == "export":
@@ -164,11 +185,11 @@ def _graph_section(export_report) -> str:
     return "<h3>Graph</h3>" + graph_header_html(g) + io_table_html(g) + op_table_html(g)
 
 
-def write_report(model, path: str | Path, title: str | None = None) -> Path:
+def write_report(model, path: str | Path, title: str | None = None, steps: dict | None = None) -> Path:
     """Write report_html(model) to `path` (folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_html(model, title=title), encoding="utf-8")
+    path.write_text(report_html(model, title=title, steps=steps), encoding="utf-8")
     return path
 
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import html
+import re
 from typing import Any
 
+import ipywidgets as widgets
 import pandas as pd
+
+from qeff_lab.views.fallback import StaticFallback
 
 # One palette for every view: the same colour always means the same thing.
 COLORS = {"done": "#2e7d32", "reused": "#1565c0", "failed": "#c62828", "skipped": "#757575",
@@ -34,15 +38,55 @@ def _badge(status: str) -> str:
             f"padding:0 4px'>{html.escape(status)}</span>")
 
 
+SUMMARY_ABOVE = 12  # a result with more changes than this shows a summary, the full list one click away
+
+
+def details_html(summary: str, body: str, css_class: str = "qeff-more") -> str:
+    """`body` folded under a one-line `summary` (an HTML <details>: one click opens it, no JavaScript)."""
+    return (f"<details class='{css_class}'><summary style='cursor:pointer;font-size:12px'>{html.escape(summary)}"
+            f"</summary>{body}</details>")
+
+
+def changes_summary_frame(result) -> pd.DataFrame:
+    """The changes grouped by what changed: (what, before, after) -> count, and the MiB they hold when the
+    changes state sizes (e.g. ExternalData: initializers moved out of the protobuf). A result with its own
+    grouping (`summary_frame()`, e.g. a SwapResult's counts per class) keeps it."""
+    if hasattr(result, "summary_frame"):
+        return result.summary_frame()
+    df = result.to_frame()
+    df["what"] = [p.split(" ", 1)[0] if " " in p else "module" for p in df["place"]]
+    df["MiB"] = [float(m.group(1)) if (m := re.match(r"\s*([\d.]+) MiB", w)) else None for w in df["why"]]
+    out = df.groupby(["what", "before", "after"], sort=False).agg(count=("place", "size"), MiB=("MiB", "sum"),
+                                                                  sized=("MiB", "count")).reset_index()
+    out["MiB"] = [f"{m:.1f}" if n else "" for m, n in zip(out["MiB"], out["sized"])]
+    out = out.drop(columns="sized")[["count", "what", "before", "after", "MiB"]]
+    return out if out["MiB"].ne("").any() else out.drop(columns="MiB")
+
+
+def transform_headline(result) -> str:
+    """e.g. 'ExternalData: 273 initializers: inline -> external (model.onnx.data), 621.3 MiB'."""
+    groups = changes_summary_frame(result)
+    if hasattr(result, "summary_frame") or len(groups) != 1:
+        return result.summary()
+    g = groups.iloc[0]
+    size = f", {g['MiB']} MiB" if g.get("MiB", "") else ""
+    return f"{result.name}: {g['count']} {g['what']}(s): {g['before']} -> {g['after']}{size}"
+
+
 def render_transform(result) -> str:
+    """What a transform did: the full table when it is short; else a summary first (counts per kind of change,
+    sizes when stated) and the full list one click away."""
     if not result.changes:
         note = f" — {html.escape(result.notes[0])}" if result.notes else ""
         return f"<div><b>{html.escape(result.name)}</b>: nothing to change{note}</div>"
-    return html_table(result.to_frame(), caption=f"{result.name}: {len(result.changes)} change(s)")
+    full = html_table(result.to_frame(), max_rows=len(result.changes))
+    if len(result.changes) <= SUMMARY_ABOVE:
+        return html_table(result.to_frame(), caption=f"{result.name}: {len(result.changes)} change(s)")
+    return (html_table(changes_summary_frame(result), caption=transform_headline(result), css_class="qeff-summary")
+            + details_html(f"all {len(result.changes)} changes", full))
 
 
 def _details_html(details: Any) -> str:
-    from qeff_lab.compile import CompileResult
     from qeff_lab.onnx.export import ExportResult
     from qeff_lab.pipeline import TransformResult
 
@@ -55,12 +99,7 @@ def _details_html(details: Any) -> str:
     if isinstance(details, ExportResult):
         return (f"<div>{html.escape(str(details.path))}</div>"
                 + "".join(render_transform(p) for p in details.passes))
-    if isinstance(details, CompileResult):
-        specs = pd.DataFrame(details.specializations)
-        return (f"<div>backend <b>{details.backend}</b> — {html.escape(details.reason)}</div>"
-                + html_table(specs, caption="specializations")
-                + f"<div style='font-size:11px'>device command: <code>{html.escape(' '.join(details.command))}</code></div>")
-    if hasattr(details, "_repr_html_"):  # reports that draw themselves (e.g. precision.PrecisionReport)
+    if hasattr(details, "_repr_html_"):  # reports that draw themselves (a CompileResult, a PrecisionReport, ...)
         return details._repr_html_()
     return f"<pre>{html.escape(repr(details))}</pre>" if details is not None else ""
 
@@ -79,16 +118,26 @@ def render_steps(model) -> str:
     return html_table(steps_frame(model), caption=f"{type(model).__name__}: {model.model_name}")
 
 
-def steps_widget(model):
-    """An accordion with one pane per step: the summary in the title, the details inside."""
-    import ipywidgets as widgets
+class StepsAccordion(StaticFallback, widgets.Accordion):
+    """One pane per step (the summary in the title, the details inside); stored, it reads as <details> blocks."""
 
-    reports = list(model.steps.values())
-    panes = [widgets.HTML(_details_html(r.details)) for r in reports]
-    acc = widgets.Accordion(children=panes)
-    for i, r in enumerate(reports):
-        acc.set_title(i, f"{r.step} [{r.status}] {r.seconds:.2f}s — {r.summary}")
-    return acc
+    def __init__(self, model):
+        self.reports = list(model.steps.values())
+        super().__init__(children=[widgets.HTML(_details_html(r.details)) for r in self.reports])
+        for i, r in enumerate(self.reports):
+            self.set_title(i, _step_title(r))
+
+    def static_html(self) -> str:
+        return "".join(details_html(_step_title(r), _details_html(r.details), "qeff-step") for r in self.reports)
+
+
+def _step_title(r) -> str:
+    return f"{r.step} [{r.status}] {r.seconds:.2f}s — {r.summary}"
+
+
+def steps_widget(model) -> StepsAccordion:
+    """An accordion with one pane per step: the summary in the title, the details inside."""
+    return StepsAccordion(model)
 
 
 FINDING_COLORS = {"overflow": COLORS["overflow"], "underflow": COLORS["underflow"], "error": COLORS["failed"],

@@ -4,12 +4,14 @@ import matplotlib
 matplotlib.use("Agg")
 
 import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from qeff_lab.accuracy.ladder import SUMMARY_COLUMNS, LadderReport  # noqa: E402
 from qeff_lab.precision import RangeProfiler, find_issues  # noqa: E402
-from qeff_lab.views.precision import (heatmap_figure, ladder_figure, profile_heatmap, render_findings,  # noqa: E402
-                                      render_ladder, render_profile)
+from qeff_lab.views.precision import (HEATMAP_LABEL_PT, HEATMAP_WIDTH_IN, heatmap_figure, heatmap_pair_figure,  # noqa: E402
+                                      ladder_figure, profile_heatmap, render_findings, render_ladder,
+                                      render_profile)
 
 from tests.precision.test_profile import Net  # noqa: E402
 
@@ -24,16 +26,36 @@ def _profile():
     return prof.profile()
 
 
-def test_heatmap_has_layers_by_sites_and_an_underflow_panel():
+def test_heatmap_has_sites_by_layers_sized_for_a_notebook_and_an_underflow_panel():
     profile = _profile()
     headroom = profile.heatmap_frame()
     assert list(headroom.index) == [0, 1] and "norm: mul" in headroom.columns
     fig = profile_heatmap(profile)
-    assert len(fig.axes) == 4  # two panels, two colour bars
-    assert fig.axes[0].get_title().startswith("fp16 headroom")
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == list(headroom.columns)
+    assert fig.get_size_inches()[0] == HEATMAP_WIDTH_IN  # 1000 px at 100 dpi: shown unscaled in a notebook
+    heat, _colorbar, flush = fig.axes
+    assert heat.get_title().startswith("fp16 headroom")
+    assert [t.get_text() for t in heat.get_yticklabels()] == list(headroom.columns)  # one labelled row per site
+    assert {t.get_fontsize() for t in heat.get_yticklabels() + heat.get_xticklabels()} == {HEATMAP_LABEL_PT}
+    shares = profile.heatmap_frame("frac_flush").max()
+    flushing = [t.get_text() for t in flush.get_yticklabels()]  # only the sites that flush anything get a bar
+    expected = set(shares[shares >= 1e-4].index)
+    if expected:
+        assert set(flushing) == expected
+    else:  # nothing flushes: the panel says so instead of drawing an empty (white) map
+        assert "no site flushes" in flush.texts[0].get_text()
     single = heatmap_figure(headroom)
     assert len(single.axes) == 2
+
+
+def test_before_after_pair_compares_module_roles():
+    before = _profile()
+    fig = heatmap_pair_figure(before, before)
+    left, right, _bar = fig.axes
+    assert left.get_title().startswith("before the fix") and right.get_title().startswith("after the fix")
+    roles = [t.get_text() for t in left.get_xticklabels()]
+    assert roles and all(":" not in r for r in roles)  # module roles, whatever ops a fix puts inside them
+    with pytest.raises(KeyError, match="not in both profiles"):
+        heatmap_pair_figure(before, before, roles=["no_such_module"])
 
 
 def test_findings_and_profile_html():
@@ -64,4 +86,8 @@ def test_ladder_table_and_plot():
     assert table.loc["fp16 (no fixes)", "kl_mean"] == "3.2" and table.loc["fp16 (no fixes)", "kl_p99"] == "inf"
     assert table.loc["fp16 (no fixes)", "margin_at_divergence"] == "0.12" and "seconds" not in table.columns
     fig = ladder_figure(ladder)
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["HF fp32", "fp16 (no fixes)"]
+    top1, kl, ppl = fig.axes
+    assert [t.get_text() for t in top1.get_xticklabels()] == ["HF fp32", "fp16 (no fixes)"]
+    assert "top-1 agreement" in top1.get_title() and kl.get_yscale() == "log" and ppl.get_yscale() == "log"
+    assert [t.get_text() for t in top1.texts] == ["100%", "0%"]  # each bar labelled with its value
+    assert "inf" in [t.get_text() for t in ppl.texts]

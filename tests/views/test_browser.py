@@ -1,4 +1,5 @@
-"""In a real browser: JupyterLab runs notebooks/00_tour.ipynb; the dashboard and netron render; the report opens offline.
+"""In a real browser: JupyterLab runs notebooks/00_tour.ipynb; the dashboard and netron render; the report opens offline;
+the stored notebooks read well before anyone runs them (static copies of the widgets, plots at a readable size).
 
 Real parts only: a JupyterLab server started here on a free loopback port (with jupyter-server-proxy, and the kernel
 told it is behind a hub prefix, so netron's frame goes through the proxy as on Binder), Debian's Chromium driven by
@@ -6,6 +7,7 @@ Playwright, the real SmolLM2 model. Screenshots go to test-artifacts/ for a pers
 """
 from __future__ import annotations
 
+import re
 import json
 import os
 import shutil
@@ -20,12 +22,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TOUR = ROOT / "notebooks" / "00_tour.ipynb"
+# The stored notebooks of this area, opened as saved (executed by nbconvert, untrusted in this JupyterLab).
+STORED = ["00_tour", "01_embeddings_quickstart", "03_precision_and_overflow", "04_compile_and_run"]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # A closed network: no background connections, no updates, no sync (JUPYTER.md).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
-RUN_ALL_TIMEOUT_S = 300
+RUN_ALL_TIMEOUT_S = 420  # the tour now runs the accuracy ladder too (compare)
 
 from playwright import sync_api as playwright_api  # noqa: E402  (pinned in requirements.lock; never `playwright install`)
 if not Path(CHROMIUM).exists():
@@ -54,6 +58,10 @@ def lab(tmp_path_factory):
     """JupyterLab on a free loopback port, rooted in a temporary folder holding a clean copy of the tour."""
     root = tmp_path_factory.mktemp("lab")
     clean_copy(TOUR, root / TOUR.name)
+    stored = root / "stored"
+    stored.mkdir()
+    for name in STORED:  # as saved, outputs and all
+        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", stored / f"{name}.ipynb")
     tmp = root / "tmp"
     tmp.mkdir()
     port = free_port()
@@ -162,22 +170,48 @@ def test_tour_runs_and_the_dashboard_renders(tour_page):
     final.scroll_into_view_if_needed()
     buttons = final.locator(".qeff-step-button")
     names = [t.strip() for t in buttons.all_inner_texts()]
-    for step in ("load", "transform", "analyze", "export", "└ onnx passes", "compile", "generate"):
+    for step in ("load", "transform", "analyze", "export", "└ onnx passes", "compile", "generate", "compare"):
         assert step in names, names
-    assert buttons.count() == 8  # 7 run (onnx passes included), compare pending, nothing else
+    assert buttons.count() == 8  # every stage run (onnx passes included), nothing pending
     steps_text = final.locator(".qeff-dashboard-steps").inner_text()
     assert "LlamaForCausalLM, 30 layers" in steps_text and "onnxruntime" in steps_text
-    assert "running" not in steps_text and "failed" not in steps_text and "overflow finding(s)" in steps_text
+    assert "running" not in steps_text and "failed" not in steps_text and "pending" not in steps_text
+    assert re.search(r"\d+ causes? over \d+ places? in \d+ modules? \(1 error", steps_text)  # the findings' one count wording
+    assert "top-1 agreement (teacher-forced)" in steps_text  # the compare row: what each rung costs
+    assert "GenerationResult" not in steps_text and "LadderReport" not in steps_text
     # the compile view was opened (dash.select) in the notebook; a click in the browser opens the load view
-    assert "specializations" in final.locator(".qeff-dashboard-detail").inner_text()
+    detail = final.locator(".qeff-dashboard-detail")
+    assert "specializations" in detail.inner_text()
+    assert "device compile command (not run here: onnxruntime ran this graph" in detail.inner_text()
     final.locator(".qeff-step-button", has_text="load").click()
     page.wait_for_function("() => document.querySelectorAll('.qeff-dashboard')[1]"
                            ".querySelector('.qeff-dashboard-detail').innerText.includes('hub cache') ||"
                            "document.querySelectorAll('.qeff-dashboard')[1]"
                            ".querySelector('.qeff-dashboard-detail').innerText.includes('134.5')", timeout=15_000)
+    final.locator(".qeff-step-button", has_text="generate").click()
+    page.wait_for_function("() => document.querySelectorAll('.qeff-dashboard')[1]"
+                           ".querySelector('.qeff-dashboard-detail').innerText.includes('generation metrics')",
+                           timeout=15_000)
+    generate = detail.inner_text()
+    assert "What is the capital of France?" in generate and "im_start" not in generate  # the question only
     assert page.locator(".jupyter-widgets").count() > 40
     final.screenshot(path=str(ARTIFACTS / "tour-dashboard.png"))
     assert "The capital of France is Paris." in page.locator(".jp-OutputArea-output").all_inner_texts().__str__()
+
+
+def test_compare_step_opens_the_accuracy_ladder(tour_page):
+    page = tour_page
+    final = page.locator(".qeff-dashboard").nth(1)
+    final.scroll_into_view_if_needed()
+    final.locator(".qeff-step-button", has_text="compare").click()
+    view = final.locator(".qeff-compare-view")
+    view.wait_for(timeout=30_000)
+    assert "accuracy ladder" in view.inner_text() and "fp16 (fixes)" in view.inner_text()
+    image = view.locator("img")
+    image.scroll_into_view_if_needed()
+    page.wait_for_function("() => { const i = document.querySelector('.qeff-compare-view img');"
+                           " return i && i.complete && i.naturalWidth > 500; }", timeout=15_000)
+    final.screenshot(path=str(ARTIFACTS / "tour-compare.png"))
 
 
 def test_netron_frame_renders_the_graph_through_the_proxy(tour_page, lab):
@@ -197,9 +231,24 @@ def test_netron_frame_renders_the_graph_through_the_proxy(tour_page, lab):
     names = frame.locator("#canvas").text_content()  # (netron forbids eval, so no evaluate-based queries)
     assert "CustomRMSNorm" in names and "CtxScatter" in names and "MatMul" in names
     tables = view.locator(".qeff-graph-tables").inner_text()
-    assert "past_key.0" in tables and "CtxScatter" in tables and "before passes" in tables
-    assert "computes past_key.1_RetainedState" in view.inner_text()
+    assert "past_key.{i}" in tables and "CtxScatter" in tables and "before passes" in tables  # numbered I/O folded
+    assert "computes past_key.1_RetainedState" in view.inner_text() and "cookie notice" in view.inner_text()
+    assert "is off until you stop it" in view.inner_text()  # why "Open in netron" is greyed out
     view.screenshot(path=str(ARTIFACTS / "tour-netron.png"))
+
+
+def test_graph_view_side_panel_stays_in_its_box(tour_page):
+    box = tour_page.locator(".qeff-graph-view .qeff-graph-tables")
+    box.scroll_into_view_if_needed()
+    fit = box.evaluate("""el => {
+      const view = el.closest('.qeff-graph-view').getBoundingClientRect(), r = el.getBoundingClientRect();
+      const rows = Array.from(el.querySelectorAll('tr')).filter(t => t.offsetParent !== null);
+      return {scroll: el.scrollWidth, client: el.clientWidth, right: r.right, viewRight: view.right,
+              tallest: Math.max(...rows.map(t => t.getBoundingClientRect().height)), rows: rows.length};
+    }""")
+    assert fit["scroll"] <= fit["client"] + 1, fit  # nothing wider than the panel: no cut columns
+    assert fit["right"] <= fit["viewRight"] + 1, fit  # the panel inside the view
+    assert 5 < fit["rows"] < 60 and fit["tallest"] < 60, fit  # summaries (full lists folded), rows a line or two
 
 
 def test_static_report_opens_offline_with_tables_and_plots(tour_page, lab, browser):
@@ -210,18 +259,65 @@ def test_static_report_opens_offline_with_tables_and_plots(tour_page, lab, brows
     page = context.new_page()
     page.on("request", lambda r: requested.append(r.url))
     page.goto(report.as_uri(), wait_until="load", timeout=30_000)
-    # header + load, transform, analyze, export, compile, generate (generate records its step)
-    assert page.locator("table.qeff-steps tr").count() == 1 + 6
+    # header + load, transform, analyze, export, compile, generate (generate records its step), compare
+    assert page.locator("table.qeff-steps tr").count() == 1 + 7
     # one row per root cause, each expandable to its places (SmolLM2: the RMSNorms that overflow inside)
     assert page.locator("table.qeff-findings tr").count() >= 2
     assert page.locator("table.qeff-findings-places tr").count() > 10
     assert page.locator("table").count() >= 6
     images = page.locator("img.plot")
-    assert images.count() >= 2  # time per step, the fp16 headroom heatmap
+    assert images.count() >= 3  # time per step, the fp16 headroom heatmap, the accuracy ladder
     widths = page.evaluate("() => Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
     assert widths and all(w > 100 for w in widths), widths  # every plot decoded (a broken image has width 0)
-    assert page.locator("section").count() == 6
+    assert page.locator("section").count() == 7
     assert "op counts before / after the ONNX passes" in page.inner_text("body")
     assert requested == [report.as_uri()], requested  # nothing but the file itself: no CDN, no fonts, no scripts
     page.screenshot(path=str(ARTIFACTS / "tour-report.png"), full_page=True)
     context.close()
+
+
+def open_stored(page, lab, name: str) -> None:
+    page.goto(f"{lab['url']}/lab/tree/stored/{name}.ipynb", wait_until="domcontentloaded", timeout=90_000)
+    page.wait_for_selector(".jp-Notebook .jp-CodeCell .jp-OutputArea-output", timeout=90_000)
+    page.wait_for_timeout(1500)  # outputs (images included) finish rendering
+
+
+@pytest.fixture(scope="module")
+def stored_page(lab, browser):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def cell_index(name: str, needle: str) -> int:
+    cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+    return next(i for i, c in enumerate(cells) if needle in "".join(c["source"]))
+
+
+def show_cell(page, index: int):
+    """Scroll JupyterLab's (windowed) notebook to cell `index` and return that cell once it is drawn."""
+    page.evaluate("i => window.jupyterapp.shell.currentWidget.content.scrollToItem(i, 'start')", index)
+    cell = page.locator(f".jp-NotebookPanel:visible .jp-Cell[data-windowed-list-index='{index}']")
+    cell.wait_for(timeout=15_000)
+    page.wait_for_timeout(500)
+    return cell
+
+
+def test_stored_tour_shows_the_dashboard_before_running(stored_page, lab):
+    """Opened as saved (no kernel has run it here): the widgets' static copies render in their place."""
+    page = stored_page
+    open_stored(page, lab, "00_tour")
+    ARTIFACTS.mkdir(exist_ok=True)
+    first = show_cell(page, cell_index("00_tour", "dash = model.dashboard()")).locator(".qeff-static .qeff-dashboard-static")
+    assert first.count() == 1 and "not run yet: model.analyze(prompts)" in first.inner_text()
+    final = show_cell(page, cell_index("00_tour", 'dash.select("compile")')).locator(".qeff-static .qeff-dashboard-static")
+    assert final.count() == 1
+    text = final.inner_text()
+    for step in ("load", "analyze", "export", "onnx passes", "compile", "generate", "compare"):
+        assert step in text, step
+    assert "specializations" in text and "device compile command" in text  # the selected step's view
+    final.screenshot(path=str(ARTIFACTS / "stored-tour-dashboard.png"))
+    graph = show_cell(page, cell_index("00_tour", "graph = graph_view(")).locator(".qeff-static")
+    assert graph.count() == 1 and "op counts before / after the ONNX passes" in graph.inner_text()
+    assert "Error displaying widget" not in page.locator(".jp-NotebookPanel:visible").inner_text()

@@ -1,4 +1,5 @@
 """The pipeline dashboard as a widget, without a browser: rows from model.steps, clicks open views, live progress."""
+import html
 import re
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ def rows(dash: Dashboard) -> list[tuple[str, str, str]]:
     out = []
     for i in range(0, len(cells), 4):
         badge = re.sub(r"<[^>]+>", "", cells[i + 1].value)
-        summary = re.sub(r"<[^>]+>", "", cells[i + 3].value)
+        summary = html.unescape(re.sub(r"<[^>]+>", "", cells[i + 3].value))
         out.append((cells[i].description, badge, summary))
     return out
 
@@ -158,12 +159,13 @@ def test_steps_added_by_other_paths_show_up_with_their_own_views(fresh_tiny):
     assert "<table" in dash.detail.children[0].value and "fp32" in dash.detail.children[0].value
 
     calls = []
+    own = STEP_VIEWS["compare"]
     register_step_view("compare")(lambda report: calls.append(report.step) or widgets.Label("custom"))
     try:
         dash.buttons["compare"].click()
         assert calls == ["compare"] and dash.detail.children[0].value == "custom"
     finally:
-        del STEP_VIEWS["compare"]
+        STEP_VIEWS["compare"] = own
 
 
 def test_view_of_an_unknown_step_is_a_clear_error(fresh_tiny):
@@ -175,20 +177,84 @@ def test_view_of_an_unknown_step_is_a_clear_error(fresh_tiny):
 
 def test_a_step_that_records_no_report_keeps_the_row_the_dashboard_saw(fresh_tiny):
     class Result:
-        def __repr__(self):
-            return "<Result 1 prompt(s), 16 new tokens>"
+        def summary(self):
+            return "1 prompt(s), 16 new tokens"
 
         def _repr_html_(self):
             return "<b>16 new tokens</b>"
+
+    class Opaque:
+        def __repr__(self):
+            return "<Opaque 1 prompt(s)>"
 
     dash = Dashboard(fresh_tiny, tick=0.05)
     out = dash.run("generate", lambda: Result())
     assert isinstance(out, Result) and "generate" not in fresh_tiny.steps
     got = dict((r[0], r[1:]) for r in rows(dash))
-    assert got["generate"] == ("done", "Result 1 prompt(s), 16 new tokens")
+    assert got["generate"] == ("done", "1 prompt(s), 16 new tokens")
     assert list(got).count("generate") == 1  # the observed step fills the "generate" stage
     dash.buttons["generate"].click()
     assert "<b>16 new tokens</b>" in dash.detail.children[0].value
+    dash.run("export", lambda: Opaque())  # no summary of its own: words, never the class name
+    summary = dict((r[0], r[2]) for r in rows(dash))["export"]
+    assert "Opaque" not in summary and summary.startswith("done")
+
+
+def test_pending_stages_say_how_to_run_them(fresh_tiny):
+    dash = dashboard(fresh_tiny)
+    got = dict((r[0], r[2]) for r in rows(dash))
+    assert got["compare"].startswith("not run yet: dash.run(\"compare\", causal_lm_ladder")
+    assert "causal_lm_ladder" in dash.buttons["compare"].tooltip and dash.buttons["compare"].disabled
+
+
+def test_a_call_longer_than_the_step_says_what_the_row_shows(fresh_tiny):
+    dash = Dashboard(fresh_tiny, tick=0.05)
+
+    def generate():  # the step reports 0.1 s of its own; the call takes longer (opening a session, say)
+        time.sleep(0.6)
+        fresh_tiny.steps["generate"] = StepReport("generate", "done", 0.1, "1 prompt(s), 4 new tokens")
+
+    dash.run("generate", generate)
+    summary = dict((r[0], r[2]) for r in rows(dash))["generate"]
+    took = re.match(r"1 prompt\(s\), 4 new tokens · the call took (\d+\.\d\d)s in all; the row shows the step's own", summary)
+    assert took and float(took.group(1)) >= 0.6, summary
+
+
+def test_stored_output_carries_a_static_html_copy(compiled_tiny):
+    dash = dashboard(compiled_tiny)
+    dash.select("compile")
+    bundle = dash._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # a live front end still shows the widget
+    static = bundle["text/html"]
+    for name, *_ in rows(dash):
+        assert f">{name.lstrip('└ ')}<" in static, name
+    assert "class='qeff-steps'" in static and "specializations" in static  # the rows and the selected view
+    assert "not run yet" in static and "run the notebook" in static
+
+
+def test_compare_step_opens_the_ladder_view(fresh_tiny, tmp_path):
+    from qeff_lab.accuracy.ladder import LadderReport, SUMMARY_COLUMNS
+
+    summary = pd.DataFrame([
+        {"rung": "HF fp32", "token_match": 1.0, "top1_agreement": 1.0, "kl_mean": 0.0, "perplexity": 31.0},
+        {"rung": "fp16 (no fixes)", "token_match": 0.0, "top1_agreement": 0.02, "kl_mean": 9.1, "perplexity": 3.5e4},
+    ], columns=SUMMARY_COLUMNS)
+    per_prompt = pd.DataFrame([
+        {"rung": "HF fp32", "prompt": 0, "text": "Paris."},
+        {"rung": "fp16 (no fixes)", "prompt": 0, "text": "<|endoftext|>"}])
+    ladder = LadderReport(summary, per_prompt, "HF fp32", text_tokens=32, generation_len=8)
+    dash = Dashboard(fresh_tiny, tick=0.05)
+    dash.run("compare", lambda: ladder)
+    got = dict((r[0], r[1:]) for r in rows(dash))
+    assert got["compare"][0] == "done" and "fp16 (no fixes)" in got["compare"][1]
+    assert not dash.buttons["compare"].disabled
+    dash.buttons["compare"].click()
+    (view,) = dash.detail.children
+    html_part, image = view.children
+    assert "accuracy ladder" in html_part.value and "Paris." in html_part.value
+    assert isinstance(image, widgets.Image) and image.value[:4] == b"\x89PNG"
+    page = dash.report(tmp_path / "report.html").read_text()  # the report covers the dashboard's steps too
+    assert "id='step-compare'" in page and "Paris." in page and "compare plot 1" in page
 
 
 def test_redrawing_frees_the_old_widgets(compiled_tiny):

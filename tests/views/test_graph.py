@@ -105,11 +105,39 @@ def test_graph_view_widget_opens_and_stops_netron(compiled_tiny):
     try:
         assert view.server.running and f":{view.server.port}/" in view.frame.value and "<iframe" in view.frame.value
         assert view.open_button.disabled and not view.stop_button.disabled
+        assert "is off until you stop it" in view.netron_note.value  # why the button is greyed out
+        assert "cookie notice" in view.frame.value
         assert repr(view).endswith("netron running>")
     finally:
         view.stop_button.click()
     assert not view.server.running and "<iframe" not in view.frame.value
     assert repr(view) == "<GraphView model.onnx: netron stopped>"
+
+
+def test_stored_graph_view_carries_its_tables_as_static_html(compiled_tiny):
+    view = graph_view(compiled_tiny, netron=False)
+    bundle = view._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    static = bundle["text/html"]
+    assert "class='qeff-static'" in static and "op counts before / after the ONNX passes" in static
+    assert "inputs and outputs" in static and "run the notebook to browse the graph in netron" in static
+
+
+def test_side_panel_folds_numbered_names_and_long_lists(compiled_tiny):
+    from qeff_lab.onnx.inspect import graph_report
+    from qeff_lab.pipeline import Change, TransformResult
+    from qeff_lab.views.graph import io_summary_frame
+    from qeff_lab.views.tables import render_transform
+
+    report = graph_report(compiled_tiny)
+    folded = io_summary_frame(report)
+    assert folded["count"].sum() == len(report.io_frame())
+    moved = TransformResult("ExternalData", [Change(f"initializer w.{i}", "inline", "external (model.onnx.data)",
+                                                    "2.25 MiB; mapped") for i in range(20)])
+    page = render_transform(moved)
+    head = page[:page.index("<details")]
+    assert "ExternalData: 20 initializer(s): inline -&gt; external (model.onnx.data), 45.0 MiB" in head
+    assert "w.7" not in head and "w.7" in page  # the full list one click away
 
 
 def test_stop_all_ends_every_server(compiled_tiny):

@@ -133,7 +133,11 @@ def test_precision_report_of_a_real_analyze_shows_findings_and_the_heatmap(tmp_p
     page = Page(text)
     assert len(page.all("table", "qeff-findings")) == 1  # one row per root cause...
     causes = report.findings.causes()
-    assert f"findings: {len(causes)} cause(s) over {len(report.findings)} place(s)" in "".join(page.text)
+    headline = report.findings.headline()
+    assert headline.startswith(f"{len(causes)} cause") and f"over {len(report.findings)} place" in headline
+    # one count wording everywhere: the steps table, the Findings section, the analyze section's head
+    assert "".join(page.text).count(headline) == 3, headline
+    assert text.count("fix: ") - text.count("; fix: ") == len(causes)  # each cause's fix said once, not per place
     assert len(page.all("table", "qeff-findings-places")) == len(causes)  # ...each expandable to its places
     assert f"background:{COLORS['failed']}'>error</td>" in text  # severity "error" in the palette's red
     alts = [a["alt"] for a in page.all("img", "plot")]

@@ -9,6 +9,7 @@ from torch import nn
 
 from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, LOGITS, POSITION_IDS, Step, past_names, retained
 from qeff_lab.models.base import CompilePlan, ExportSpec, QEFFBaseModel, UnsupportedModelError
+from qeff_lab.onnx.streamed import LayerStack
 from qeff_lab.pipeline import StepReport
 from qeff_lab.runtime.generation import GenerationResult, TorchKVRunner, generate_ids
 from qeff_lab.runtime.sampling import SamplingParams, resolve_sampling
@@ -177,12 +178,17 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         for name in past:
             axes[name] = axes[retained(name)] = {0: kv_axis, 2: "ctx_len"}
         options = {"model_type": self.model.config.model_type, "path": self.path}
+        layers = None
+        if self.family is not None:  # the hand-written blocks: one layer class, the cache pairs named by layer
+            base = getattr(self.model, self.model.base_name)
+            layers = LayerStack(f"model.{self.model.base_name}.{base.layers_name}",
+                                lambda i: [*past_names(i + 1)[-2:], *map(retained, past_names(i + 1)[-2:])])
         if self.continuous_batching:
             example[BATCH_INDEX] = torch.tensor([[2], [0]], dtype=torch.long)
             axes[BATCH_INDEX] = {0: "batch_size"}
             options["continuous_batching"] = True
-            return ExportSpec(KVExportWrapperCB(self.model), example, outputs, axes, options)
-        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes, options)
+            return ExportSpec(KVExportWrapperCB(self.model), example, outputs, axes, options, layers)
+        return ExportSpec(KVExportWrapper(self.model), example, outputs, axes, options, layers)
 
     # ------------------------------------------------------------------ compile
     def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1, num_cores: int = 16,

@@ -382,6 +382,9 @@ class QEFFBaseModel(HtmlRepr):
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet.")
         if self._session is None or self._session_devices != device_ids:
             self._session = self._open_runtime(device_ids)  # by the compile's backend
+            creation = getattr(getattr(self._session, "ort", self._session), "creation", None)
+            if creation is not None:  # the embedded backend: what opening it cost goes into the compile report
+                self.compile_result.session = creation
             self._session_devices = device_ids
         return self._session
 

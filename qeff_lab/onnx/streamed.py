@@ -301,11 +301,13 @@ def weight_sources(names: list[str], real: dict[str, torch.Tensor], prefix: str,
                    index: dict[str, CheckpointTensor]) -> tuple[list[WeightSource], list[str]]:
     """A WeightSource per initializer name: from the checkpoint when one of the tensor's names (tied aliases
     included, less `prefix`, the HF model's path in the exported module) is a checkpoint tensor of the same
-    shape whose values agree with memory at three spots; else from memory. Returns (sources, notes)."""
+    shape that memory holds as a mapping of those very bytes, or whose values agree with memory at three spots
+    (probing a mapped tensor would make its pages resident); else from memory. Returns (sources, notes)."""
     aliases: dict[int, list[str]] = {}
     for n, t in real.items():
         aliases.setdefault(id(t), []).append(n)
     sources, notes = [], []
+    maps = FileMappings()
     for name in names:
         tensor = real[name]
         found = None
@@ -315,11 +317,35 @@ def weight_sources(names: list[str], real: dict[str, torch.Tensor], prefix: str,
                 found = index[key]
                 break
         source = WeightSource(name, tensor, found)
-        if found is not None and not _agrees(source):
+        if found is not None and not (maps.holds(tensor, found) or _agrees(source)):
             notes.append(f"{name}: differs from the checkpoint's {key} at a spot check: written from memory")
             source.checkpoint = None
         sources.append(source)
     return sources, notes
+
+
+class FileMappings:
+    """This process's file mappings (/proc/self/maps): which file and offset a tensor's memory maps, if any."""
+
+    def __init__(self):
+        self.maps = []
+        try:
+            with open("/proc/self/maps") as f:
+                for line in f:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].strip().startswith("/"):
+                        start, end = (int(x, 16) for x in parts[0].split("-"))
+                        self.maps.append((start, end, int(parts[2], 16), parts[5].strip()))
+        except OSError:  # not Linux: every tensor gets the spot check instead
+            pass
+
+    def holds(self, tensor: torch.Tensor, src: CheckpointTensor) -> bool:
+        """Is `tensor` a mapping of `src`'s bytes in its file (same dtype, so the bytes are the values)?"""
+        if tensor.dtype != src.dtype or not tensor.is_contiguous():
+            return False
+        ptr, path = tensor.data_ptr(), str(src.file.resolve())
+        return any(start <= ptr < end and file == path and offset + ptr - start == src.offset
+                   for start, end, offset, file in self.maps)
 
 
 def _agrees(source: WeightSource, probe: int = 16) -> bool:
@@ -365,8 +391,9 @@ def write_weights(proto: onnx.ModelProto, sources: list[WeightSource], data_path
             parts, over, largest = [], 0, 0.0
             for chunk in source.chunks():
                 if chunk.dtype == torch.float32 and chunk.numel():
-                    lo, hi = torch.aminmax(chunk)  # one cheap pass; NaN or a value beyond fp16 looks closer
-                    beyond = None if -FP16_MAX <= lo and hi <= FP16_MAX else chunk.isfinite() & (chunk.abs() > FP16_MAX)
+                    values = chunk.numpy()  # numpy: one thread, no pool to wake per tensor on a busy machine
+                    fits = -FP16_MAX <= values.min() and values.max() <= FP16_MAX  # NaN looks closer too
+                    beyond = None if fits else chunk.isfinite() & (chunk.abs() > FP16_MAX)
                     if beyond is not None and bool(beyond.any()):
                         over += int(beyond.sum())
                         largest = max(largest, float(chunk[beyond].abs().max()))

@@ -425,7 +425,8 @@ def write_weights(proto: onnx.ModelProto, sources: list[WeightSource], data_path
     from_checkpoint = [s for s in sources if s.checkpoint is not None]
     converted = sum(1 for s in from_checkpoint if s.checkpoint.dtype != s.tensor.dtype)
     moved.notes.append(f"{len(from_checkpoint)} tensor(s) read from the checkpoint's safetensors"
-                       + (f" ({converted} converted to {sources[0].tensor.dtype} tensor by tensor)" if converted else "")
+                       + (f" ({converted} converted to {str(sources[0].tensor.dtype).removeprefix('torch.')} tensor by tensor)"
+                          if converted else "")
                        + f", {len(sources) - len(from_checkpoint)} from memory")
     return clip, moved
 

@@ -282,7 +282,8 @@ class QEFFBaseModel(HtmlRepr):
         with timed() as elapsed:
             spec = self.export_spec()
             plan, why = self.export_route(spec, route)
-            weights = None if plan is None else [why, plan.checkpoint and _checkpoint_identity(plan.checkpoint)]
+            # from a checkpoint: its identity stands for the weights (hashing them would read every byte)
+            weights = _checkpoint_identity(plan.checkpoint) if plan is not None and plan.checkpoint else None
             result = export_module(spec.module.eval(), spec.example_inputs, spec.output_names, spec.dynamic_axes,
                                    self.artifact_key(spec, weights), name=safe_name(self.model_name),
                                    external_data=external_data, stream=plan, traced_reason=why if plan is None else "")

@@ -86,7 +86,7 @@ def export_module(
         "external_data": external_data,
         "external_data_threshold": EXTERNAL_DATA_THRESHOLD,
         "custom_ops_source": source_fingerprint(),
-        "route": STREAMED if stream is not None else TRACED,
+        "route": [STREAMED, stream.reason] if stream is not None else TRACED,
     }
     folder = cache_root() / "export" / f"{name}-{fingerprint(full_key)}"
     reports: list[TransformResult] = []

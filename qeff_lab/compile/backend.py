@@ -44,6 +44,9 @@ class CompileResult(HtmlRepr):
     options: CompileOptions | None = None
     sdk: SdkInfo | None = None
     seconds: float = 0.0  # time the compiler ran (0 when reused or nothing ran)
+    # the embedded backend's session creation once it opened (seconds, peak_rss_gb, rss_increase_gb, weights_gb,
+    # weights_mapped; see runtime.session.OrtSession.creation); None before that and for qaic
+    session: dict | None = None
 
     @property
     def qpc_path(self) -> Path:

@@ -37,6 +37,12 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _checkpoint_identity(files):
+    from qeff_lab.onnx.streamed import checkpoint_identity
+
+    return checkpoint_identity(files)
+
+
 def safe_name(name: str) -> str:
     """A folder-name-safe short form of a card or path (its last component)."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split("/")[-1])[:60]
@@ -52,6 +58,7 @@ class ExportSpec:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     options: dict = field(default_factory=dict)
+    layers: Any = None  # a qeff_lab.onnx.streamed.LayerStack when the kind has repeated layers the streamed route may clone
 
     @property
     def input_names(self) -> list[str]:
@@ -254,25 +261,32 @@ class QEFFBaseModel(HtmlRepr):
         rep = self.steps.get(Step.TRANSFORM)
         return [r.name for r in rep.details if r.modified] if rep else []
 
-    def artifact_key(self, spec: ExportSpec) -> dict:
-        """Everything that shapes the exported file: kind, config, weights, transforms applied (and the source of
-        the code they run), precision fixes, the kind's options."""
+    def artifact_key(self, spec: ExportSpec, weights: Any = None) -> dict:
+        """Everything that shapes the exported file: kind, config, weights (`weights`, when given, stands for
+        them: the streamed route names its checkpoint instead of reading every byte), transforms applied (and the
+        source of the code they run), precision fixes, the kind's options."""
         code, code_modules = code_fingerprint(self.model, spec.module, *self._applied)
-        return {"kind": self._kind, "config": self.model.config.to_dict(), "weights": self.weights_fingerprint(),
+        weights = weights if weights is not None else self.weights_fingerprint()
+        return {"kind": self._kind, "config": self.model.config.to_dict(), "weights": weights,
                 "transforms": self.transforms_applied + self.precision_fix_key(), "code": code,
                 "code_modules": code_modules, "options": spec.options}
 
     # ------------------------------------------------------------------ export
-    def export(self, external_data: bool | None = None) -> Path:
-        """Export to ONNX into the content-addressed cache (reused when nothing that shapes it changed)."""
+    def export(self, external_data: bool | None = None, route: str | None = None) -> Path:
+        """Export to ONNX into the content-addressed cache (reused when nothing that shapes it changed).
+        `route`: "streamed" (weights never all in memory), "traced" (today's TorchScript export with the
+        weights), or None to let export_route() choose; the export report says which ran and why."""
         from qeff_lab.onnx.export import export_module
 
         self._require(Step.TRANSFORM, "transform()")
         with timed() as elapsed:
             spec = self.export_spec()
+            plan, why = self.export_route(spec, route)
+            # from a checkpoint: its identity stands for the weights (hashing them would read every byte)
+            weights = _checkpoint_identity(plan.checkpoint) if plan is not None and plan.checkpoint else None
             result = export_module(spec.module.eval(), spec.example_inputs, spec.output_names, spec.dynamic_axes,
-                                   self.artifact_key(spec), name=safe_name(self.model_name),
-                                   external_data=external_data)
+                                   self.artifact_key(spec, weights), name=safe_name(self.model_name),
+                                   external_data=external_data, stream=plan, traced_reason=why if plan is None else "")
         self.export_result = result
         self._session = None
         n_clip = sum(len(p.changes) for p in result.passes if p.name == "FP16ClipConstants")
@@ -280,8 +294,41 @@ class QEFFBaseModel(HtmlRepr):
         self._record(StepReport(Step.EXPORT, "reused" if result.reused else "done", elapsed(),
                                 f"{result.folder.name}/{result.path.name}; {len(spec.input_names)} inputs, "
                                 f"{len(spec.output_names)} outputs; custom ops: {ops}; {n_clip} constant(s) "
-                                "clipped to fp16", result))
+                                f"clipped to fp16; {result.route} route", result))
         return result.path
+
+    def export_route(self, spec: ExportSpec, route: str | None = None):
+        """(StreamPlan or None for the traced route, why). The streamed route needs a kind that declares its layer
+        stack; it takes the weights from the safetensors checkpoint the model was loaded from. The traced route
+        stays for models built in memory, precision-fixed models (their fixes may differ between layers) and
+        kinds without a declared stack (encoders, the generic decoder path)."""
+        from qeff_lab.onnx.export import STREAMED, TRACED, StreamPlan
+        from qeff_lab.onnx.streamed import layer_signature, safetensors_files
+
+        if route not in (None, STREAMED, TRACED):
+            raise ValueError(f"route must be {STREAMED!r}, {TRACED!r} or None (choose), got {route!r}")
+        if route == TRACED:
+            return None, "asked for (route='traced')"
+        files = safetensors_files(self.resolved.path) if self.resolved.source != "in memory" else []
+        obstacle = None
+        if spec.layers is None:
+            obstacle = f"{self._kind} ({getattr(self, 'path', 'this kind')}) declares no repeated layer stack"
+        elif Step.PRECISION_FIXES in self.steps:
+            obstacle = "precision fixes are applied (they may differ between layers)"
+        elif not files and route is None:
+            obstacle = "the model was built in memory: no checkpoint to stream the weights from"
+        if obstacle is not None:
+            if route == STREAMED:
+                raise ValueError(f"route='streamed' cannot apply: {obstacle}. Use route='traced' or None.")
+            return None, obstacle
+        owner_path, attr = spec.layers.path.rsplit(".", 1)
+        layers = list(getattr(spec.module.get_submodule(owner_path), attr))
+        same = all(layer_signature(m) == layer_signature(layers[0]) for m in layers[1:])
+        prefix = next(p for p, m in spec.module.named_modules() if m is self.model)
+        why = (f"{len(layers)} identical layers: traced on meta weights, layers cloned" if same else
+               f"{len(layers)} layers that differ: every layer traced on meta weights")
+        why += f", weights streamed from {len(files)} safetensors file(s)" if files else ", weights from memory"
+        return StreamPlan(why, spec.layers if same else None, files or None, prefix + "." if prefix else ""), why
 
     def onnx_io(self):
         """The exported graph's inputs and outputs: name, direction, element type, shape (symbols kept)."""
@@ -336,6 +383,9 @@ class QEFFBaseModel(HtmlRepr):
             raise RuntimeError("Call compile(...) before generate(...): nothing is compiled yet.")
         if self._session is None or self._session_devices != device_ids:
             self._session = self._open_runtime(device_ids)  # by the compile's backend
+            creation = getattr(getattr(self._session, "ort", self._session), "creation", None)
+            if creation is not None:  # the embedded backend: what opening it cost goes into the compile report
+                self.compile_result.session = creation
             self._session_devices = device_ids
         return self._session
 

@@ -10,6 +10,7 @@ from torch import nn
 from qeff_lab.contracts import (BATCH_INDEX, INPUT_IDS, LOGITS, NUM_LOGITS_TO_KEEP, POSITION_IDS, Step, past_names,
                                 retained)
 from qeff_lab.models.base import CompilePlan, ExportSpec, QEFFBaseModel, UnsupportedModelError
+from qeff_lab.onnx.streamed import LayerStack
 from qeff_lab.pipeline import StepReport
 from qeff_lab.runtime.generation import GenerationResult, TorchKVRunner, generate_ids
 from qeff_lab.runtime.sampling import SamplingParams, resolve_sampling
@@ -209,6 +210,13 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
             axes[name] = axes[retained(name)] = {0: kv_axis, 2: "ctx_len"}
         options = {"model_type": self.model.config.model_type, "path": self.path}
         module = KVExportWrapper(self.model)
+        layers = None
+        # the hand-written blocks: one layer class, the cache pairs named by layer (the streamed export route; the
+        # speculative target and the in-graph sampler have not been checked on it, so they keep the traced route)
+        if self.family is not None and not self.is_tlm and not self.qaic_config.get("include_sampler"):
+            base = getattr(self.model, self.model.base_name)
+            layers = LayerStack(f"model.{self.model.base_name}.{base.layers_name}",
+                                lambda i: [*past_names(i + 1)[-2:], *map(retained, past_names(i + 1)[-2:])])
         if self.continuous_batching:
             example[BATCH_INDEX] = torch.tensor([[2], [0]], dtype=torch.long)
             axes[BATCH_INDEX] = {0: "batch_size"}
@@ -225,7 +233,7 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
                                                          self.model.config.vocab_size, self.continuous_batching,
                                                          self.qaic_config)
             options["qaic_config"] = self.qaic_config
-        return ExportSpec(module, example, outputs, axes, options)
+        return ExportSpec(module, example, outputs, axes, options, layers)
 
     # ------------------------------------------------------------------ compile
     def compile(self, prefill_seq_len: int = 32, ctx_len: int = 128, batch_size: int = 1, num_cores: int = 16,

@@ -302,6 +302,7 @@ class QEFFBaseModel(HtmlRepr):
         stack; it takes the weights from the safetensors checkpoint the model was loaded from. The traced route
         stays for models built in memory, precision-fixed models (their fixes may differ between layers) and
         kinds without a declared stack (encoders, the generic decoder path)."""
+        from qeff_lab.onnx import export as export_mod
         from qeff_lab.onnx.export import STREAMED, TRACED, StreamPlan
         from qeff_lab.onnx.streamed import layer_signature, safetensors_files
 
@@ -317,6 +318,11 @@ class QEFFBaseModel(HtmlRepr):
             obstacle = "precision fixes are applied (they may differ between layers)"
         elif not files and route is None:
             obstacle = "the model was built in memory: no checkpoint to stream the weights from"
+        size = sum(f.stat().st_size for f in files)
+        if obstacle is None and route is None and files and size < export_mod.STREAM_ABOVE:
+            obstacle = (f"the checkpoint ({size / 1e9:.2f} GB) is under {export_mod.STREAM_ABOVE / 2**30:g} GiB: the "
+                        "traced route, whose graph the embedded backend's attention rewrite matches (route='streamed' "
+                        "forces streaming)")
         if obstacle is not None:
             if route == STREAMED:
                 raise ValueError(f"route='streamed' cannot apply: {obstacle}. Use route='traced' or None.")

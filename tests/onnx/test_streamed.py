@@ -14,6 +14,7 @@ import transformers as tf
 
 from qeff_lab.contracts import past_names, retained
 from qeff_lab.models.causal_lm import QEFFAutoModelForCausalLM
+from qeff_lab.onnx import export as export_mod
 from tests.transforms.tiny_decoders import COMMON
 
 SMALL = {**COMMON, "num_hidden_layers": 5}  # 5 layers: two traced, three cloned
@@ -24,6 +25,12 @@ def _save(folder, dtype=torch.float32, seed=0, **config):
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**SMALL, "initializer_range": 0.1, **config})).eval()
     model.to(dtype).save_pretrained(folder)
     return tf.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # the checkpoint, in fp32
+
+
+@pytest.fixture(autouse=True)
+def stream_every_checkpoint(monkeypatch):
+    """These checkpoints are small: without this they would take the traced route (see STREAM_ABOVE)."""
+    monkeypatch.setattr(export_mod, "STREAM_ABOVE", 0)
 
 
 def _ort_logits(path, ids, ctx=32):
@@ -80,6 +87,16 @@ def test_continuous_batching_takes_the_streamed_route_too(tmp_path):
     assert model.export_result.route == "streamed"
     assert [i.name for i in graph.input][-1] == "batch_index" and len(graph.input) == 2 + 10 + 1
     assert model.export_result.custom_ops["CtxScatterCB"] == 10
+
+
+def test_small_checkpoints_take_the_traced_route_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_mod, "STREAM_ABOVE", 1 << 30)
+    _save(tmp_path)
+    model = QEFFAutoModelForCausalLM.from_pretrained(str(tmp_path))
+    plan, why = model.export_route(model.export_spec())
+    assert plan is None and "is under 1 GiB" in why and "route='streamed' forces" in why
+    model.export(route="streamed")
+    assert model.export_result.route == "streamed"
 
 
 def test_route_choice_is_reported(tmp_path):

@@ -198,15 +198,17 @@ def op_table_html(report: GraphReport, max_rows: int = 12) -> str:
             + details_html(f"all {len(frame)} op types", html_table(frame, max_rows=len(frame))) + note)
 
 
-def passes_html(report: GraphReport) -> str:
+def passes_html(report: GraphReport, full_lists: bool = True) -> str:
     from qeff_lab.views.tables import render_transform
 
-    return "".join(render_transform(p) for p in report.passes)
+    return "".join(render_transform(p, full_lists) for p in report.passes)
 
 
-def graph_tables_html(report: GraphReport) -> str:
-    """The tables beside netron: I/O, op counts, what the passes did (each summarised)."""
-    return io_table_html(report) + op_table_html(report) + passes_html(report)
+def graph_tables_html(report: GraphReport, full_lists: bool = True) -> str:
+    """The tables beside netron: I/O, op counts, what the passes did (each summarised; `full_lists=False` leaves
+    out the folded per-initializer lists: the live widget's narrow side panel shows summaries only; the export
+    step's view and the static copy keep them)."""
+    return io_table_html(report) + op_table_html(report) + passes_html(report, full_lists)
 
 
 # The side panel: narrow, so its tables wrap long names instead of widening the box; it scrolls vertically.
@@ -236,7 +238,7 @@ class GraphView(StaticFallback, widgets.VBox):
         self.netron_note.add_class("qeff-netron-state")
         self.open_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
-        side = widgets.HTML(SIDE_STYLE + graph_tables_html(report), layout=widgets.Layout(
+        side = widgets.HTML(SIDE_STYLE + graph_tables_html(report, full_lists=False), layout=widgets.Layout(
             width="40%", min_width="0", max_height=f"{height + 40}px", overflow_y="auto", overflow_x="hidden"))
         side.add_class("qeff-graph-tables")
         self.add_class("qeff-graph-view")

@@ -167,7 +167,7 @@ def io_summary_frame(report: GraphReport) -> pd.DataFrame:
             [["kind", "count", "name", "dtype", "shape"]])
 
 
-def io_table_html(report: GraphReport) -> str:
+def io_table_html(report: GraphReport, full_lists: bool = True) -> str:
     """The inputs and outputs, numbered ones folded (the full list one click away when folding helped)."""
     full = report.io_frame()
     folded = io_summary_frame(report)
@@ -175,10 +175,11 @@ def io_table_html(report: GraphReport) -> str:
         return html_table(full, caption="inputs and outputs", max_rows=len(full))
     return (html_table(folded, caption=f"inputs and outputs ({len(full)} tensors; numbered names folded)",
                        css_class="qeff-summary")
-            + details_html(f"all {len(full)} inputs and outputs", html_table(full, max_rows=len(full))))
+            + (details_html(f"all {len(full)} inputs and outputs", html_table(full, max_rows=len(full)))
+               if full_lists else ""))
 
 
-def op_table_html(report: GraphReport, max_rows: int = 12) -> str:
+def op_table_html(report: GraphReport, max_rows: int = 12, full_lists: bool = True) -> str:
     """Op counts before / after the passes: the most frequent first, every op type one click away."""
     frame = report.op_frame()
     note = ""
@@ -195,7 +196,8 @@ def op_table_html(report: GraphReport, max_rows: int = 12) -> str:
     top = pd.concat([frame.head(max_rows), custom]).drop_duplicates("op")
     return (html_table(top, caption=f"{caption}: the {max_rows} most frequent and the custom ops "
                                     f"(of {len(frame)} op types)", max_rows=len(top))
-            + details_html(f"all {len(frame)} op types", html_table(frame, max_rows=len(frame))) + note)
+            + (details_html(f"all {len(frame)} op types", html_table(frame, max_rows=len(frame))) if full_lists else "")
+            + note)
 
 
 def passes_html(report: GraphReport, full_lists: bool = True) -> str:
@@ -206,9 +208,10 @@ def passes_html(report: GraphReport, full_lists: bool = True) -> str:
 
 def graph_tables_html(report: GraphReport, full_lists: bool = True) -> str:
     """The tables beside netron: I/O, op counts, what the passes did (each summarised; `full_lists=False` leaves
-    out the folded per-initializer lists: the live widget's narrow side panel shows summaries only; the export
-    step's view and the static copy keep them)."""
-    return io_table_html(report) + op_table_html(report) + passes_html(report, full_lists)
+    out the folded full lists: the live widget's narrow side panel shows summaries only; the static copy and the
+    export step's view keep them)."""
+    return (io_table_html(report, full_lists) + op_table_html(report, full_lists=full_lists)
+            + passes_html(report, full_lists))
 
 
 # The side panel: narrow, so its tables wrap long names instead of widening the box; it scrolls vertically.

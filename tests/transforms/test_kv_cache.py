@@ -58,7 +58,7 @@ def test_llama_swap_table_on_a_two_layer_model():
     assert repr(result) == "<SwapResult RetainedStateKVCache: 12 change(s), 2 kept>"
     html = result._repr_html_()  # the grouped table, then every module
     assert "RetainedStateKVCache: 12 change(s)" in html and "model.layers.1.mlp" in html
-    assert html.index("QEffLlamaRotaryEmbedding") < html.index("model.layers.0.self_attn")
+    assert "QEffLlamaRotaryEmbedding" in html and "LlamaMLP" in html  # short: every module, no summary needed
 
 
 def test_subclass_of_a_known_class_is_reported_not_swapped():

@@ -75,15 +75,17 @@ def transform_headline(result) -> str:
 
 def render_transform(result, full_list: bool = True) -> str:
     """What a transform did: the full table when it is short; else a summary first (counts per kind of change,
-    sizes when stated) and the full list one click away (`full_list=False`: the summary only, for narrow panels)."""
+    sizes when stated) and the full list one click away (`full_list=False`: the one-line headline, for narrow panels)."""
     if not result.changes:
         note = f" — {html.escape(result.notes[0])}" if result.notes else ""
         return f"<div><b>{html.escape(result.name)}</b>: nothing to change{note}</div>"
+    if not full_list:  # one line: the narrow panels
+        return f"<div style='font-size:11px'>{html.escape(transform_headline(result))}</div>"
     full = html_table(result.to_frame(), max_rows=len(result.changes))
     if len(result.changes) <= SUMMARY_ABOVE:
         return html_table(result.to_frame(), caption=f"{result.name}: {len(result.changes)} change(s)")
-    summary = html_table(changes_summary_frame(result), caption=transform_headline(result), css_class="qeff-summary")
-    return summary + (details_html(f"all {len(result.changes)} changes", full) if full_list else "")
+    return (html_table(changes_summary_frame(result), caption=transform_headline(result), css_class="qeff-summary")
+            + details_html(f"all {len(result.changes)} changes", full))
 
 
 def _details_html(details: Any) -> str:

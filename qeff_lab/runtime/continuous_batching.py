@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from qeff_lab.pipeline import HtmlRepr
-from qeff_lab.runtime.generation import GenerationMetrics, check_prompts, request_limits
+from qeff_lab.runtime.generation import GenerationMetrics, check_prompts, common_prefix_len, request_limits
 from qeff_lab.runtime.sampling import SamplingParams, TokenChooser
 
 
@@ -158,12 +158,7 @@ def generate_continuous(
         for s, r in enumerate(slot_last):
             if r is None:
                 continue
-            held = prompt_ids[r] + outputs[r][:-1]  # the last new token was never fed
-            m = 0
-            for a, b in zip(held, row[:-1]):
-                if a != b:
-                    break
-                m += 1
+            m = common_prefix_len(prompt_ids[r] + outputs[r][:-1], row[:-1])  # the last new token was never fed
             if m > best[1]:
                 best = (s, m)
         return best

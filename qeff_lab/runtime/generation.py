@@ -67,12 +67,8 @@ class TorchKVRunner:
         from qeff_lab.runtime.kv_session import check_batch_index, logits_to_keep
 
         keep = logits_to_keep(self.num_speculative_tokens, num_logits_to_keep)
-
-        bi = None
-        if self.continuous_batching:
-            bi = torch.from_numpy(check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size))
-        elif batch_index is not None:
-            raise ValueError("batch_index was given but this runner has no continuous batching (full_batch_size).")
+        bi = check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size)
+        bi = torch.from_numpy(bi) if bi is not None else None
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, np.int64))
         pos = torch.from_numpy(np.ascontiguousarray(position_ids, np.int64))
         extra = {"num_logits_to_keep": torch.from_numpy(keep)} if keep is not None else {}
@@ -176,6 +172,16 @@ def check_prompts(prompt_ids: Sequence[Sequence[int]], ctx_len: int) -> None:
                 f"Prompt {i} has {len(ids)} tokens but the compiled ctx_len is {ctx_len}: a prompt must leave room "
                 f"for at least one new token. Compile with ctx_len > {len(ids)} (e.g. "
                 f"compile(ctx_len={1 << len(ids).bit_length()})) or shorten the prompt.")
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share (a cache holding `a` serves `b` up to there)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def request_limits(prompt_ids: Sequence[Sequence[int]], generation_len, ctx_len: int) -> list[int]:

@@ -101,16 +101,11 @@ class OrtKVSession:
         `num_logits_to_keep` (a speculative target only; default 1): logits [batch, n, vocab] for the last n
         positions. Returns the logits, or with the in-graph sampler the next_tokens [batch, 1, 1] (it then needs `sampler_inputs`,
         see runtime.sampling.sampler_feeds; probs, when compiled with return_pdfs, land in `last_probs`)."""
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
-        if input_ids.shape != position_ids.shape:
-            raise ValueError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} differ in shape.")
+        input_ids, position_ids = step_ids(input_ids, position_ids)
         feeds = {"input_ids": input_ids, "position_ids": position_ids}
-        if self.continuous_batching:
-            feeds[BATCH_INDEX] = check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size)
-        elif batch_index is not None:
-            raise ValueError("batch_index was given but this graph has no continuous batching (export with "
-                             "continuous_batching=True).")
+        bi = check_batch_index(batch_index, input_ids.shape[0], self.full_batch_size)
+        if bi is not None:
+            feeds[BATCH_INDEX] = bi
         keep = logits_to_keep(self.num_speculative_tokens, num_logits_to_keep)
         if keep is not None:
             feeds[NUM_LOGITS_TO_KEEP] = keep
@@ -171,8 +166,23 @@ def logits_to_keep(num_speculative_tokens: int | None, num_logits_to_keep: int |
     return np.arange(n, dtype=np.int64).reshape(n, 1)
 
 
-def check_batch_index(batch_index, rows: int, full_batch_size: int) -> np.ndarray:
-    """batch_index as the graph takes it ([rows, 1] int64, distinct slots in [0, full_batch_size)), or a clear error."""
+def step_ids(input_ids, position_ids) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and position_ids of one step as contiguous int64 arrays of the same shape, or a clear error."""
+    input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+    position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
+    if input_ids.shape != position_ids.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} differ in shape.")
+    return input_ids, position_ids
+
+
+def check_batch_index(batch_index, rows: int, full_batch_size: int | None) -> np.ndarray | None:
+    """batch_index as the graph takes it ([rows, 1] int64, distinct slots in [0, full_batch_size)), None for a
+    runner without continuous batching (full_batch_size None), or a clear error."""
+    if full_batch_size is None:
+        if batch_index is not None:
+            raise ValueError("batch_index was given but this runner has no continuous batching (load with "
+                             "continuous_batching=True, compile with full_batch_size=N).")
+        return None
     if batch_index is None:
         raise ValueError("This graph has continuous batching: each step needs batch_index [batch, 1], the KV slot of "
                          "each row.")
@@ -182,4 +192,4 @@ def check_batch_index(batch_index, rows: int, full_batch_size: int) -> np.ndarra
     return bi
 
 
-__all__ = ["OrtKVSession", "ShapeNotCompiledError", "check_batch_index", "kv_shapes", "logits_to_keep"]
+__all__ = ["OrtKVSession", "ShapeNotCompiledError", "check_batch_index", "kv_shapes", "logits_to_keep", "step_ids"]

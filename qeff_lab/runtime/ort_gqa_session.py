@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from qeff_lab.contracts import INPUT_IDS, LOGITS, POSITION_IDS, RETAINED_SUFFIX
-from qeff_lab.runtime.kv_session import kv_shapes
+from qeff_lab.runtime.kv_session import check_batch_index, kv_shapes, step_ids
 from qeff_lab.runtime.session import OrtSession
 
 SEQLENS_K = "seqlens_k"  # the rewritten graph's extra input (qeff_lab.compile.ort_rewrite.SEQLENS_K)
@@ -82,13 +82,8 @@ class OrtGqaKVSession:
         return {name: a[:, :, :self.ctx_len].copy() for name, a in self._cache.items()}
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, batch_index: np.ndarray | None = None) -> np.ndarray:
-        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        position_ids = np.ascontiguousarray(position_ids, dtype=np.int64)
-        if input_ids.shape != position_ids.shape:
-            raise ValueError(f"input_ids {input_ids.shape} and position_ids {position_ids.shape} differ in shape.")
-        if batch_index is not None:
-            raise ValueError("batch_index was given but this graph has no continuous batching (export with "
-                             "continuous_batching=True).")
+        input_ids, position_ids = step_ids(input_ids, position_ids)
+        check_batch_index(batch_index, input_ids.shape[0], None)  # an error when given: no continuous batching here
         self.ort.check_shapes({INPUT_IDS: input_ids, POSITION_IDS: position_ids})
         rows, seq = input_ids.shape
         lengths = [_valid_length(position_ids[r], self.ctx_len) for r in range(rows)]

@@ -23,7 +23,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from qeff_lab.runtime.generation import GenerationMetrics, check_prompts, request_limits
+from qeff_lab.runtime.generation import GenerationMetrics, check_prompts, common_prefix_len, request_limits
 
 
 class Drafter(Protocol):
@@ -87,12 +87,8 @@ class DraftModelDrafter:
         self.cached = []  # stale entries are overwritten as positions are fed again, and never read beyond them
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        same = 0
-        for a, b in zip(self.cached, tokens):
-            if a != b:
-                break
-            same += 1
-        same = min(same, len(tokens) - 1)  # the last token is always fed: its logits give the first draft
+        # the last token is always fed: its logits give the first draft
+        same = min(common_prefix_len(self.cached, tokens), len(tokens) - 1)
         logits = feed(self.runner, tokens[same:], same, self.pad_token_id, single_steps=True)
         self.cached[same:] = tokens[same:]
         drafts = [int(logits.argmax())]

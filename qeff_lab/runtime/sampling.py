@@ -230,15 +230,12 @@ class HostSampler:
         """logits [n, V] for n requests (in `states` order) -> token ids [n]; updates each state."""
         logits_t = torch.from_numpy(np.ascontiguousarray(logits, np.float32)).reshape(len(states), -1)
         params = params_tensors([s.params for s in states])
-        sampling = [not s.params.greedy for s in states]
         rnd = None
-        if any(sampling):
-            rnd = torch.from_numpy(np.stack([s.random_numbers(self.k) if flag else np.full(self.k, 0.5, np.float32)
-                                             for s, flag in zip(states, sampling)]))
-        masks = [s.token_bitmask for s in states]
+        if any(not s.params.greedy for s in states):
+            rnd = torch.from_numpy(_random_numbers(states, self.k))
         bitmask = None
-        if any(m is not None for m in masks):
-            bitmask = torch.from_numpy(np.stack([m if m is not None else np.ones(self.vocab_size, bool) for m in masks]))
+        if any(s.token_bitmask is not None for s in states):
+            bitmask = torch.from_numpy(_bitmasks(states, self.vocab_size))
         tokens = choose_tokens(logits_t, params, rnd, torch.from_numpy(np.stack([s.seen for s in states])),
                                torch.from_numpy(np.stack([s.generated for s in states])), bitmask).numpy()
         for s, t in zip(states, tokens):
@@ -345,11 +342,22 @@ def sampler_feeds(states: Sequence[RequestSampling | None], input_ids: np.ndarra
     params = params_tensors([s.params if s is not None else SamplingParams() for s in states])
     feeds = {name: params[name].numpy().reshape(-1, 1) for name in params}
     feeds["top_ks"] = feeds["top_ks"].astype(np.int32)
-    feeds[RANDOM_NUMBERS] = np.stack([s.random_numbers(max_top_k_ids) if s is not None and not s.params.greedy
-                                      else np.full(max_top_k_ids, 0.5, np.float32) for s in states])
+    feeds[RANDOM_NUMBERS] = _random_numbers(states, max_top_k_ids)
     last = np.where(position_ids >= 0, input_ids, -1) if decode else np.full_like(input_ids, -1)
     feeds[LAST_ACCEPTED_OUTPUT_TOKENS] = np.ascontiguousarray(last, np.int64)
     if guided:
-        feeds[TOKEN_BITMASKS] = np.stack([s.token_bitmask if s is not None and s.token_bitmask is not None
-                                          else np.ones(vocab_size, bool) for s in states])
+        feeds[TOKEN_BITMASKS] = _bitmasks(states, vocab_size)
     return feeds
+
+
+def _random_numbers(states: Sequence[RequestSampling | None], k: int) -> np.ndarray:
+    """[rows, k]: k numbers from each sampling request's generator; 0.5 for greedy rows and rows without a request
+    (None), which draw nothing."""
+    return np.stack([s.random_numbers(k) if s is not None and not s.params.greedy else np.full(k, 0.5, np.float32)
+                     for s in states])
+
+
+def _bitmasks(states: Sequence[RequestSampling | None], vocab_size: int) -> np.ndarray:
+    """[rows, vocab] bool: each request's token bitmask; every token allowed where it has none (or no request)."""
+    return np.stack([s.token_bitmask if s is not None and s.token_bitmask is not None else np.ones(vocab_size, bool)
+                     for s in states])

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from qeff_lab.compile.ort_rewrite import _options as session_options  # below runtime: the compile step's checks use it
+
 # Weights larger than this are mapped from the external-data file instead of copied: ONNX Runtime maps external
 # data by default, but prepacking MatMul weights and constant-folding Transpose(weight) make anonymous copies of
 # every weight (on SmolLM2-135M +0.56-0.65 GB at creation; mapped: +0.03 GB). The copies buy speed (prepacked
@@ -50,15 +52,6 @@ class ShapeNotCompiledError(ValueError):
     """An input whose shape matches none of the compiled specializations."""
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """The embedded backend's ONNX Runtime options (one place for every session it opens)."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", "0")) or (os.cpu_count() or 1)
-    opts.log_severity_level = 3
-    return opts
-
-
 class OrtSession:
     """ONNX Runtime over the exported graph, accepting only the compiled shapes (as a device would).
 
@@ -70,10 +63,10 @@ class OrtSession:
 
     def __init__(self, onnx_path: Path, allowed: list[dict[str, int]] | None = None, threads: int | None = None,
                  external_data_dir: Path | None = None, map_weights: bool | None = None):
-        opts = session_options(threads)
-        if external_data_dir is not None:  # a graph whose weights live in another folder (the export's)
-            opts.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                          str(external_data_dir))
+        # the embedded backend's session options, one place for every session it opens (the compile step's too);
+        # with external_data_dir, a graph whose weights live in another folder (the export's)
+        opts = session_options(threads, external_data_dir)
+        if external_data_dir is not None:
             weights = sum(p.stat().st_size for p in Path(external_data_dir).glob("*.onnx.data*"))
             model = Path(onnx_path).read_bytes()
         else:

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import Machine
+
 # Llama shapes: SmolLM2-135M, SmolLM2-360M, Llama-3.2-1B (all with tied embeddings)
 CONFIGS = {
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -79,17 +81,6 @@ def _run_child(step: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# ----------------------------------------------------------------------------- the machine
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 "unknown CPU")
-    return f"{model}, {os.cpu_count()} threads"
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="135m,360m", help=f"comma-separated, of {', '.join(CONFIGS)}")
@@ -102,7 +93,7 @@ def main() -> None:
     unknown = [s for s in sizes if s not in CONFIGS]
     if unknown:
         parser.error(f"unknown size(s) {unknown}: choose from {', '.join(CONFIGS)}")
-    print(f"machine: {machine()}; load average before: {load()}")
+    machine = Machine.start(os.cpu_count() or 1)
     print(f"{'model':>6} {'params':>8} {'weights':>8} | {'route':>8} {'export peak':>14} {'export s':>9} | "
           f"{'session peak':>14} {'create s':>9} {'mapped':>6}")
     for size in sizes:
@@ -125,7 +116,7 @@ def main() -> None:
                 os.environ.pop("QEFF_LAB_CACHE", None)
             else:
                 os.environ["QEFF_LAB_CACHE"] = env_cache
-    print(f"load average after: {load()}")
+    print(machine.finish())
     print("peak = the child process's ru_maxrss (file-backed pages of mapped weights count while resident); "
           "ratios are to the checkpoint's bytes")
 

@@ -7,8 +7,8 @@ tokens, served three ways in one process with the same threads:
 
 Every run produces the same useful tokens (each prompt's own count, EOS ignored); total tokens/s = those tokens
 over the wall time, reported with the ratios. Greedy, so continuous batching and static batches must give the
-same tokens (checked). Prints the machine (CPU model, threads, load average before and after): figures on a busy
-machine are noisy.
+same tokens (checked). Prints the machine (benchmarks/_machine.py: CPU model, threads, load average before and
+after): figures on a busy machine are noisy.
 
 Run: .venv/bin/python benchmarks/bench_serving.py [--prompts 32] [--full-batch-size 4] [--threads N] [--json out.json]
 """
@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
+
+from _machine import Machine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -31,12 +32,6 @@ ASKS = ["Answer in one word: what colour is {t}?", "Write one sentence about {t}
         "Explain {t} to a ten-year-old, in a short paragraph with an example and a question at the end.",
         "Write a short poem about {t}. Use vivid images, a clear rhythm, and end on a surprising line that makes "
         "the reader think again about everything before it."]
-
-
-def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor() or "unknown")
-    return {"cpu": model, "cpus": os.cpu_count(), "python": platform.python_version()}
 
 
 def workload(tok, n: int, seed: int = 0) -> tuple[list[str], list[int]]:
@@ -72,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
+    machine = Machine.start(args.threads)
     os.environ["QEFF_LAB_THREADS"] = str(args.threads)
     import torch
     import transformers
@@ -82,9 +78,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
-    info = {**machine(), "threads": args.threads, "load_before": os.getloadavg()}
-    print(f"machine: {info['cpu']}, {info['cpus']} CPUs, {args.threads} threads; load average before "
-          f"{' '.join(f'{x:.2f}' for x in info['load_before'])}")
     path = str(resolve(MODEL).path)
     tok = AutoTokenizer.from_pretrained(path)
     texts, gen = workload(tok, args.prompts)
@@ -111,7 +104,7 @@ def main() -> None:
     assert all(len(ids) == n for _, o in results.values() for ids, n in zip(o, gen))
     same = results["continuous batching"][1] == results["static batches"][1]
 
-    info["load_after"] = os.getloadavg()
+    machine.finish()
     useful = sum(gen)
     rates = {name: useful / seconds for name, (seconds, _) in results.items()}
     base = rates["continuous batching"]
@@ -119,10 +112,10 @@ def main() -> None:
     for name, (seconds, _) in results.items():
         print(f"{name:24s} {seconds:8.2f} {rates[name]:9.1f} {base / rates[name]:11.2f}x")
     print(f"continuous batching and static batches give identical tokens: {same}")
-    print(f"load average after {' '.join(f'{x:.2f}' for x in info['load_after'])}")
+    print(machine)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**info, "prompts": len(texts), "new_tokens": gen, "full_batch_size": F,
+            json.dump({"machine": machine.to_json(), "prompts": len(texts), "new_tokens": gen, "full_batch_size": F,
                        "seconds": {k: v[0] for k, v in results.items()}, "tokens_per_s": rates,
                        "identical_cb_static": same}, f, indent=1)
 

@@ -5,7 +5,8 @@ chat template; same prompts, same process, same threads.
 Plain: the model compiled as usual (decode 1 token per step). Prompt lookup: the same weights loaded as a target
 (`qaic_config={"speculative_model_type": "target"}`) and compiled with `num_speculative_tokens=K` (decode verifies K + 1
 positions per step). Both are greedy, so both produce the same tokens (checked). Reports decode tokens/s of each, their
-ratio, the acceptance rate and the tokens per target step, with the machine (CPU, threads, load average before/after).
+ratio, the acceptance rate and the tokens per target step, with the machine (benchmarks/_machine.py: CPU, threads,
+load average before/after).
 
 Run: .venv/bin/python benchmarks/bench_speculative.py [--k 4] [--tokens 96] [--repeats 3] [--threads N] [--json out.json]
 """
@@ -14,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+
+from _machine import Machine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,20 +32,6 @@ TASKS = {
     "rewrite": f"Rewrite this text in the past tense and keep everything else the same:\n\n{PASSAGE}",
     "extract": f"Copy every sentence of this text that contains a number, one per line:\n\n{PASSAGE}",
 }
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count()}
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def decode_rate(model, tok, prompt: str, tokens: int, repeats: int, **speculative):
@@ -63,6 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
+    machine = Machine.start(args.threads or os.cpu_count() or 1)
     if args.threads:
         os.environ["QEFF_LAB_THREADS"] = str(args.threads)
     import transformers
@@ -70,9 +59,6 @@ def main() -> None:
     from qeff_lab import QEFFAutoModelForCausalLM
 
     transformers.utils.logging.disable_progress_bar()  # no per-weight loading bars between the figures
-    info = {**machine(), "threads": args.threads or os.cpu_count(), "load_before": load_average()}
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['threads']} ONNX Runtime threads; "
-          f"load average before {info['load_before']}")
     plain = QEFFAutoModelForCausalLM.from_pretrained(MODEL)
     target = QEFFAutoModelForCausalLM.from_pretrained(MODEL, qaic_config={"speculative_model_type": "target"})
     tok = plain.tokenizer
@@ -94,7 +80,7 @@ def main() -> None:
                      "prompt_lookup_decode_tok_s": round(pld_rate, 1), "ratio": round(pld_rate / plain_rate, 2),
                      "acceptance_rate": round(m.acceptance_rate, 3), "tokens_per_target_step":
                      round(m.mean_tokens_per_step, 2)})
-    info["load_after"] = load_average()
+    machine.finish()
     print(f"\nSmolLM2-135M-Instruct, prompt lookup k={args.k} vs plain decode, greedy, median of {args.repeats}")
     header = f"{'task':<10} {'prompt':>6} {'new':>4} {'same':>5} {'plain tok/s':>11} {'lookup tok/s':>12} " \
              f"{'ratio':>6} {'accepted':>8} {'tok/step':>8}"
@@ -104,12 +90,13 @@ def main() -> None:
               f"{r['plain_decode_tok_s']:>11} {r['prompt_lookup_decode_tok_s']:>12} {r['ratio']:>6} "
               f"{r['acceptance_rate']:>8.1%} {r['tokens_per_target_step']:>8}")
     ratio = statistics.geometric_mean(r["ratio"] for r in rows)
-    print(f"geometric mean ratio {ratio:.2f}x; load average after {info['load_after']}")
+    print(f"geometric mean ratio {ratio:.2f}x")
+    print(machine)
     if not all(r["identical"] for r in rows):
         raise SystemExit("prompt lookup changed the greedy tokens: this is a bug")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "k": args.k, "rows": rows, "geomean_ratio": ratio}, f, indent=1)
+            json.dump({"machine": machine.to_json(), "k": args.k, "rows": rows, "geomean_ratio": ratio}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -37,12 +37,6 @@ def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _checkpoint_identity(files):
-    from qeff_lab.onnx.streamed import checkpoint_identity
-
-    return checkpoint_identity(files)
-
-
 def safe_name(name: str) -> str:
     """A folder-name-safe short form of a card or path (its last component)."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name.split("/")[-1])[:60]
@@ -277,13 +271,14 @@ class QEFFBaseModel(HtmlRepr):
         `route`: "streamed" (weights never all in memory), "traced" (today's TorchScript export with the
         weights), or None to let export_route() choose; the export report says which ran and why."""
         from qeff_lab.onnx.export import export_module
+        from qeff_lab.onnx.streamed import checkpoint_identity
 
         self._require(Step.TRANSFORM, "transform()")
         with timed() as elapsed:
             spec = self.export_spec()
             plan, why = self.export_route(spec, route)
             # from a checkpoint: its identity stands for the weights (hashing them would read every byte)
-            weights = _checkpoint_identity(plan.checkpoint) if plan is not None and plan.checkpoint else None
+            weights = checkpoint_identity(plan.checkpoint) if plan is not None and plan.checkpoint else None
             result = export_module(spec.module.eval(), spec.example_inputs, spec.output_names, spec.dynamic_axes,
                                    self.artifact_key(spec, weights), name=safe_name(self.model_name),
                                    external_data=external_data, stream=plan, traced_reason=why if plan is None else "")
@@ -404,11 +399,9 @@ class QEFFBaseModel(HtmlRepr):
         finding naming its ONNX node, op type, function and module (what the compiler gets)."""
         from qeff_lab.precision import analyze
 
-        texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                             and all(isinstance(p, str) for p in prompts))
         if on == "onnx":
-            options["onnx_model"] = self.export() if self.export_result is None else self.export_result.path
-        report = analyze(self.model, prompts, self.tokenizer if texts else None, on=on, **options)
+            options["onnx_model"] = self._exported_path()
+        report = analyze(self.model, prompts, self._tokenizer_for(prompts), on=on, **options)
         self.precision_report = report
         self._record(StepReport(Step.ANALYZE, "done", report.seconds, report.summary(), report))
         return report
@@ -423,12 +416,20 @@ class QEFFBaseModel(HtmlRepr):
         from qeff_lab.pipeline import cache_root
         from qeff_lab.precision.islands import find_fp32_islands
 
+        onnx_path = self._exported_path()
+        npi_path = npi_path or cache_root() / "npi" / f"{safe_name(self.model_name)}-{onnx_path.parent.name}-fp32-islands.yaml"
+        return find_fp32_islands(self.model, prompts, self._tokenizer_for(prompts), metric=metric, target=target,
+                                 weights=weights, onnx_model=onnx_path, npi_path=npi_path, **options)
+
+    def _tokenizer_for(self, prompts):
+        """The tokenizer when `prompts` are text (a string or a list of strings), None for token ids."""
         texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                              and all(isinstance(p, str) for p in prompts))
-        onnx_path = self.export() if self.export_result is None else self.export_result.path
-        npi_path = npi_path or cache_root() / "npi" / f"{safe_name(self.model_name)}-{onnx_path.parent.name}-fp32-islands.yaml"
-        return find_fp32_islands(self.model, prompts, self.tokenizer if texts else None, metric=metric, target=target,
-                                 weights=weights, onnx_model=onnx_path, npi_path=npi_path, **options)
+        return self.tokenizer if texts else None
+
+    def _exported_path(self) -> Path:
+        """The exported graph, exported first when needed."""
+        return self.export() if self.export_result is None else self.export_result.path
 
     def fix_precision(self, report=None) -> StepReport:
         """Apply the exact fixes the findings call for (qeff_lab.precision.apply_fixes: overflow-safe norms,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +148,7 @@ def _build_streamed(tmp: Path, module: torch.nn.Module, example_inputs: dict[str
         inputs = {k: v for k, v in example_inputs.items() if k not in later}
         outputs = [n for n in output_names if n not in later]
         axes = {k: v for k, v in dynamic_axes.items() if k not in later}
-    with streamed.first_layers(owner, attr, traced) if layers is not None else _nothing():
+    with streamed.first_layers(owner, attr, traced) if layers is not None else nullcontext():
         proto = streamed.trace_on_meta(module, inputs, outputs, axes, OPSET)
     if layers is not None and total > traced:
         streamed.clone_layers(proto, layers.path, traced, total, layers.io)
@@ -173,11 +173,6 @@ def _build_streamed(tmp: Path, module: torch.nn.Module, example_inputs: dict[str
         clip.notes.append("every float constant already fits fp16")
     onnx.save_model(proto, str(tmp / ONNX_NAME))
     return [clip, moved]
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def _report_to_json(r: TransformResult) -> dict:

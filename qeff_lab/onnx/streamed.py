@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -67,10 +67,8 @@ def safetensors_index(files: list[Path]) -> dict[str, CheckpointTensor]:
     """{tensor name: CheckpointTensor} from the files' headers (no tensor data is read)."""
     out = {}
     for f in files:
-        with open(f, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(size))
-        for name, info in header.items():
+        size, text = _header(f)
+        for name, info in json.loads(text).items():
             if name == "__metadata__" or info["dtype"] not in _SAFETENSORS_DTYPES:
                 continue
             out[name] = CheckpointTensor(Path(f), 8 + size + info["data_offsets"][0],
@@ -84,11 +82,15 @@ def checkpoint_identity(files: list[Path]) -> list:
     out = []
     for f in files:
         st = Path(f).resolve().stat()
-        with open(f, "rb") as handle:
-            (size,) = struct.unpack("<Q", handle.read(8))
-            header = handle.read(size).decode()
-        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns, header])
+        out.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns, _header(f)[1].decode()])
     return out
+
+
+def _header(file: Path) -> tuple[int, bytes]:
+    """(header length, header bytes) of a safetensors file: its JSON header, no tensor data."""
+    with open(file, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        return size, handle.read(size)
 
 
 # ----------------------------------------------------------------------------- tracing on meta
@@ -379,7 +381,7 @@ def write_weights(proto: onnx.ModelProto, sources: list[WeightSource], data_path
     location = data_path.name
     total = sum(s.nbytes for s in sources)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing weights", disable=not progress, leave=False)
-    with open(data_path, "wb") if external else _nothing() as out:
+    with open(data_path, "wb") if external else nullcontext() as out:
         for source in sources:
             t = source.tensor
             proto_t = onnx.TensorProto(name=source.name, dims=list(t.shape), data_type=_ONNX_DTYPES[t.dtype])
@@ -429,8 +431,3 @@ def write_weights(proto: onnx.ModelProto, sources: list[WeightSource], data_path
                           if converted else "")
                        + f", {len(sources) - len(from_checkpoint)} from memory")
     return clip, moved
-
-
-@contextmanager
-def _nothing():
-    yield None

@@ -183,8 +183,8 @@ class OnnxRangeProfiler:
                                     f"{call.name}/{node.name}" if call is not None else node.name, fetch))
         graph_inputs = {i.name for i in inlined.graph.input}
         _expose(inlined, [n for s in self.sites for n in s.fetch if n not in graph_inputs], types)
-        self.input_names = [i.name for i in inlined.graph.input if i.name not in self.initializers]
         self.graph_inputs = [i for i in inlined.graph.input if i.name not in self.initializers]
+        self.input_names = [i.name for i in self.graph_inputs]
         self.chunks = _chunks(self.sites, max_outputs)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every node as exported

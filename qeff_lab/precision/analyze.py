@@ -10,7 +10,7 @@ import torch
 from qeff_lab.pipeline import HtmlRepr, timed
 from qeff_lab.precision.findings import Findings, find_issues
 from qeff_lab.precision.numerics import tensor_stats
-from qeff_lab.precision.profile import RangeProfile, RangeProfiler
+from qeff_lab.precision.profile import ROOT, RangeProfile, RangeProfiler
 
 
 @dataclass
@@ -27,7 +27,7 @@ class PrecisionReport(HtmlRepr):
     @property
     def sites(self) -> int:
         """Distinct places profiled (module path + op + intermediate [+ ONNX node])."""
-        return len({r.place for r in self.profile.records})
+        return self.profile.sites
 
     def summary(self) -> str:
         """One line: what was profiled (sites) and the findings' headline (causes over places; see findings.py)."""
@@ -186,7 +186,7 @@ def _analyze_onnx(model, onnx_model, batches, max_outputs, progress, finding_opt
     from qeff_lab.contracts import POSITION_IDS
     from qeff_lab.precision.onnx_profile import OnnxRangeProfiler, onnx_feeds
 
-    modules = {path or "<root>": type(m).__name__ for path, m in model.named_modules()} if model is not None else None
+    modules = {path or ROOT: type(m).__name__ for path, m in model.named_modules()} if model is not None else None
     tokens = 0
     with timed() as elapsed:
         prof = OnnxRangeProfiler(onnx_model, modules, max_outputs)

@@ -19,7 +19,6 @@ The search, each step one emulated run over the prompts (all cached, recorded in
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,10 +300,10 @@ def find_fp32_islands(model: nn.Module, inputs: Any, tokenizer=None, *, metric: 
                + (" (beyond fp16 max)" if worst.get(u, 0) > FP16_MAX else "") for u in kept}
     result = IslandSearch(kept, reasons, pd.DataFrame(rows, columns=STEP_COLUMNS), metric, target, weights,
                           reached, final, cache[frozenset()], len(units), seconds=elapsed(), notes=notes)
-    if onnx_model is not None:
+    if npi_path is not None:  # sets result.nodes too (the graph read and mapped once)
+        write_island_yaml(result, onnx_model, npi_path)
+    elif onnx_model is not None:
         result.nodes = island_nodes(kept, reasons, onnx_model)
-        if npi_path is not None:
-            write_island_yaml(result, onnx_model, npi_path)
     return result
 
 
@@ -352,7 +351,7 @@ def _entries(islands, reasons, onnx_model):
     entries: dict[str, NpiEntry] = {}
     for module in islands:
         f = Finding(module, module, "", "island", "error", 0.0, FP16_MAX, "NPI", "", node="")
-        for out in map_finding(copy.copy(f), model, whole_module=True):
+        for out in map_finding(f, model, whole_module=True):
             entries.setdefault(out, NpiEntry(out, module, reasons.get(module, "fp32 island")))
     return list(entries.values())
 

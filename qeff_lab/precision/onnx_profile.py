@@ -16,10 +16,7 @@ Its op is named as on the PyTorch side (Pow -> pow, ReduceMean -> mean, LayerNor
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -186,15 +183,18 @@ class OnnxRangeProfiler:
                                     f"{call.name}/{node.name}" if call is not None else node.name, fetch))
         graph_inputs = {i.name for i in inlined.graph.input}
         _expose(inlined, [n for s in self.sites for n in s.fetch if n not in graph_inputs], types)
-        self.input_names = [i.name for i in inlined.graph.input if i.name not in self.initializers]
         self.graph_inputs = [i for i in inlined.graph.input if i.name not in self.initializers]
+        self.input_names = [i.name for i in self.graph_inputs]
         self.chunks = _chunks(self.sites, max_outputs)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # every node as exported
         opts.log_severity_level = 3
-        self._tmp = tempfile.TemporaryDirectory(prefix="qeff_lab-onnx-profile-")  # removed with the profiler
-        self.session = ort.InferenceSession(_saved_beside_weights(inlined, folder, Path(self._tmp.name)), opts,
-                                            providers=["CPUExecutionProvider"])
+        if _external_files(inlined):  # as runtime.OrtSession: the graph from memory, its weights read in place
+            if folder is None:
+                raise ValueError("The graph refers to external-data files: pass the .onnx path rather than a "
+                                 "ModelProto.")
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+        self.session = ort.InferenceSession(inlined.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self._records: dict[tuple, OpRange] = {}
         self.inputs = 0
 
@@ -242,22 +242,10 @@ _FUSED_TYPES = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormal
                 "LpNormalization"}
 
 
-def _saved_beside_weights(model: onnx.ModelProto, folder: Path | None, tmp: Path) -> str:
-    """The inlined graph saved in `tmp`, its external-data files hard-linked there from the export `folder`
-    (copied across file systems; ONNX Runtime refuses symbolic links out of the model's folder). The cached
-    export is never written to."""
-    files = {kv.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-             for kv in t.external_data if kv.key == "location"}
-    if files and folder is None:
-        raise ValueError("The graph refers to external-data files: pass the .onnx path rather than a ModelProto.")
-    for name in files:
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(folder / name, tmp / name)
-        except OSError:
-            shutil.copyfile(folder / name, tmp / name)
-    onnx.save(model, str(tmp / "inlined.onnx"))
-    return str(tmp / "inlined.onnx")
+def _external_files(model: onnx.ModelProto) -> set[str]:
+    """The external-data files the graph's initializers refer to."""
+    return {kv.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for kv in t.external_data if kv.key == "location"}
 
 
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:

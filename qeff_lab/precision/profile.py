@@ -178,6 +178,11 @@ class RangeProfile(HtmlRepr):
                 for r in self.records]
         return pd.DataFrame(rows, columns=COLUMNS)
 
+    @property
+    def sites(self) -> int:
+        """Distinct places profiled (module path + op + intermediate [+ ONNX node]), steps together."""
+        return len({r.place for r in self.records})
+
     def merged(self) -> dict[tuple[str, str, str, str], OpRange]:
         """(module, op, intermediate, node) -> one record over all steps (the records themselves when not
         profiled per step)."""
@@ -228,7 +233,7 @@ class RangeProfile(HtmlRepr):
         over = len({r.place for r in self.overflowing()})
         modules = len({r.module for r in self.records})
         where = "" if self.source == "pytorch" else f" ({self.source})"
-        return (f"<RangeProfile {self.model_class}{where}: {len({r.place for r in self.records})} sites in {modules} "
+        return (f"<RangeProfile {self.model_class}{where}: {self.sites} sites in {modules} "
                 f"modules, {over} above fp16 max>")
 
 

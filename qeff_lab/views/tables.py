@@ -81,9 +81,9 @@ def render_transform(result, full_list: bool = True) -> str:
         return f"<div><b>{html.escape(result.name)}</b>: nothing to change{note}</div>"
     if not full_list:  # one line: the narrow panels
         return f"<div style='font-size:11px'>{html.escape(transform_headline(result))}</div>"
-    full = html_table(result.to_frame(), max_rows=len(result.changes))
     if len(result.changes) <= SUMMARY_ABOVE:
         return html_table(result.to_frame(), caption=f"{result.name}: {len(result.changes)} change(s)")
+    full = html_table(result.to_frame(), max_rows=len(result.changes))
     return (html_table(changes_summary_frame(result), caption=transform_headline(result), css_class="qeff-summary")
             + details_html(f"all {len(result.changes)} changes", full))
 

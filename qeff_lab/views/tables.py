@@ -63,10 +63,13 @@ def changes_summary_frame(result) -> pd.DataFrame:
     return out if out["MiB"].ne("").any() else out.drop(columns="MiB")
 
 
-def transform_headline(result) -> str:
-    """e.g. 'ExternalData: 273 initializers: inline -> external (model.onnx.data), 621.3 MiB'."""
-    groups = changes_summary_frame(result)
-    if hasattr(result, "summary_frame") or len(groups) != 1:
+def transform_headline(result, groups: pd.DataFrame | None = None) -> str:
+    """e.g. 'ExternalData: 273 initializers: inline -> external (model.onnx.data), 621.3 MiB' (`groups`:
+    changes_summary_frame(result) when the caller has it)."""
+    if hasattr(result, "summary_frame"):  # grouped its own way (a SwapResult): its own summary line
+        return result.summary()
+    groups = changes_summary_frame(result) if groups is None else groups
+    if len(groups) != 1:
         return result.summary()
     g = groups.iloc[0]
     size = f", {g['MiB']} MiB" if g.get("MiB", "") else ""
@@ -84,7 +87,8 @@ def render_transform(result, full_list: bool = True) -> str:
     if len(result.changes) <= SUMMARY_ABOVE:
         return html_table(result.to_frame(), caption=f"{result.name}: {len(result.changes)} change(s)")
     full = html_table(result.to_frame(), max_rows=len(result.changes))
-    return (html_table(changes_summary_frame(result), caption=transform_headline(result), css_class="qeff-summary")
+    groups = changes_summary_frame(result)
+    return (html_table(groups, caption=transform_headline(result, groups), css_class="qeff-summary")
             + details_html(f"all {len(result.changes)} changes", full))
 
 

@@ -38,6 +38,20 @@ def _badge(status: str) -> str:
             f"padding:0 4px'>{html.escape(status)}</span>")
 
 
+def steps_table_html(rows, time_head: str = "time", link: bool = False) -> str:
+    """The static steps table (class qeff-steps) of the report and the dashboard's stored copy: `rows` of (step,
+    status, time text, summary), the status as a badge, a pending row's summary muted; `link`: each step name an
+    anchor to its `#step-<name>` section."""
+    head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{h}</th>" for h in ("step", "status", time_head, "summary"))
+    body = ""
+    for name, status, time_text, summary in rows:
+        label = f"<a href='#step-{html.escape(name)}'>{html.escape(name)}</a>" if link else html.escape(name)
+        muted = ";color:" + COLORS["muted"] if status == "pending" else ""
+        body += (f"<tr><td style='{CELL_STYLE}'>{label}</td><td style='{CELL_STYLE}'>{_badge(status)}</td>"
+                 f"<td style='{CELL_STYLE}'>{time_text}</td><td style='{CELL_STYLE}{muted}'>{html.escape(summary)}</td></tr>")
+    return f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{body}</table>"
+
+
 SUMMARY_ABOVE = 12  # a result with more changes than this shows a summary, the full list one click away
 
 

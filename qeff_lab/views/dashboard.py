@@ -109,17 +109,11 @@ def compare_step_view(report) -> widgets.Widget:
     details = report.details
     if not hasattr(details, "summary") or not hasattr(details, "per_prompt"):
         return default_step_view(report)
-    import io
-
-    import matplotlib.pyplot as plt
-
     from qeff_lab.views.precision import ladder_figure
+    from qeff_lab.views.report import figure_png
 
-    fig, buf = ladder_figure(details), io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    png = buf.getvalue()
-    image = widgets.Image(value=png, format="png", layout=widgets.Layout(max_width="100%"))
+    image = widgets.Image(value=figure_png(ladder_figure(details)), format="png",
+                          layout=widgets.Layout(max_width="100%"))
     view = widgets.VBox([default_step_view(report), image])
     view.add_class("qeff-compare-view")
     return view

@@ -24,14 +24,19 @@ code,pre{font-family:ui-monospace,monospace;font-size:12px} pre{white-space:pre-
 """ % {"muted": COLORS["muted"]}
 
 
-def figure_png_base64(fig) -> str:
-    """A matplotlib Figure as base64 PNG (the figure is closed afterwards)."""
+def figure_png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes at 100 dpi (the figure is closed afterwards)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def figure_png_base64(fig) -> str:
+    """A matplotlib Figure as base64 PNG (the figure is closed afterwards)."""
+    return base64.b64encode(figure_png(fig)).decode("ascii")
 
 
 def img_html(fig, alt: str) -> str:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from qeff_lab.contracts import Step
 from qeff_lab.views.fallback import StaticFallback
-from qeff_lab.views.tables import COLORS, _badge, _details_html, steps_table_html
+from qeff_lab.views.tables import COLORS, _badge, _details_html, figure_png, steps_table_html
 
 # The stages a model goes through, in order. A stage counts as run when any of its step names is in model.steps;
 # the ones not run yet are listed after the recorded steps, greyed out.
@@ -110,7 +110,6 @@ def compare_step_view(report) -> widgets.Widget:
     if not hasattr(details, "summary") or not hasattr(details, "per_prompt"):
         return default_step_view(report)
     from qeff_lab.views.precision import ladder_figure
-    from qeff_lab.views.report import figure_png
 
     image = widgets.Image(value=figure_png(ladder_figure(details)), format="png",
                           layout=widgets.Layout(max_width="100%"))

@@ -4,13 +4,12 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from qeff_lab.views.tables import COLORS, findings_html, html_table, steps_table_html
+from qeff_lab.views.tables import COLORS, figure_png, findings_html, html_table, steps_table_html
 
 # step name -> function(report) returning matplotlib Figures to embed in that step's section. Other owners may add
 # theirs (e.g. a precision heatmap); a details object with a `figures()` method is drawn without registering.
@@ -22,16 +21,6 @@ h1{font-size:20px;margin-bottom:2px} h2{font-size:16px;margin:22px 0 4px;border-
 .meta{color:%(muted)s;font-size:12px} section{margin-bottom:10px} img.plot{max-width:100%%;border:1px solid #eee}
 code,pre{font-family:ui-monospace,monospace;font-size:12px} pre{white-space:pre-wrap}
 """ % {"muted": COLORS["muted"]}
-
-
-def figure_png(fig) -> bytes:
-    """A matplotlib Figure as PNG bytes at 100 dpi (the figure is closed afterwards)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def figure_png_base64(fig) -> str:

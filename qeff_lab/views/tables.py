@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import io
 import re
 from typing import Any
 
@@ -50,6 +51,16 @@ def steps_table_html(rows, time_head: str = "time", link: bool = False) -> str:
         body += (f"<tr><td style='{CELL_STYLE}'>{label}</td><td style='{CELL_STYLE}'>{_badge(status)}</td>"
                  f"<td style='{CELL_STYLE}'>{time_text}</td><td style='{CELL_STYLE}{muted}'>{html.escape(summary)}</td></tr>")
     return f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{body}</table>"
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes at 100 dpi (the figure is closed afterwards)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 SUMMARY_ABOVE = 12  # a result with more changes than this shows a summary, the full list one click away

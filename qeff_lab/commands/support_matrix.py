@@ -233,6 +233,18 @@ def _hf_greedy(model, prompts) -> list[list[int]]:
     return out
 
 
+def _record_failure(row: Row, stage: str, exc: Exception) -> None:
+    """A qeff_lab step raised: `unsupported` when from_model refused the model (the reason is its message), else
+    `fail` with the stage named."""
+    from qeff_lab.models.base import UnsupportedModelError
+    from qeff_lab.transforms.generic import UnsupportedArchitectureError
+
+    if stage == "from_model" and isinstance(exc, (UnsupportedModelError, UnsupportedArchitectureError)):
+        row.status, row.reason = "unsupported", " ".join(str(exc).split())
+    else:
+        row.status, row.reason = "fail", f"{stage}: {one_line(exc)}"
+
+
 def check_decoder(model_type: str, row: Row) -> None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -240,7 +252,6 @@ def check_decoder(model_type: str, row: Row) -> None:
     from qeff_lab.models.base import UnsupportedModelError
     from qeff_lab.models.causal_lm import QEFFAutoModelForCausalLM
     from qeff_lab.runtime.generation import TorchKVRunner, generate_ids
-    from qeff_lab.transforms.generic import UnsupportedArchitectureError
 
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -279,11 +290,8 @@ def check_decoder(model_type: str, row: Row) -> None:
         ids = qeff.generate_from_ids(prompts, NEW_TOKENS, runtime="compiled").ids
         diff = _first_divergence(ids, reference, "ONNX Runtime")
         row.status, row.reason = ("fail", diff) if diff else ("pass", "")
-    except (UnsupportedModelError, UnsupportedArchitectureError) as e:
-        row.status, row.reason = ("unsupported", " ".join(str(e).split())) if stage == "from_model" else (
-            "fail", f"{stage}: {one_line(e)}")
     except Exception as e:
-        row.status, row.reason = "fail", f"{stage}: {one_line(e)}"
+        _record_failure(row, stage, e)
 
 
 def check_encoder(model_type: str, row: Row) -> None:
@@ -295,7 +303,6 @@ def check_encoder(model_type: str, row: Row) -> None:
     from qeff_lab.models.base import UnsupportedModelError
     from qeff_lab.models.encoder import QEFFAutoModel
     from qeff_lab.transforms.encoders import ENCODER_SWAPS
-    from qeff_lab.transforms.generic import UnsupportedArchitectureError
 
     config = tiny_config(model_type)
     try:
@@ -350,11 +357,8 @@ def check_encoder(model_type: str, row: Row) -> None:
         out = qeff.generate({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["output"]
         diff = compare(out, "ONNX Runtime")
         row.status, row.reason = ("fail", diff) if diff else ("pass", "")
-    except (UnsupportedModelError, UnsupportedArchitectureError) as e:
-        row.status, row.reason = ("unsupported", " ".join(str(e).split())) if stage == "from_model" else (
-            "fail", f"{stage}: {one_line(e)}")
     except Exception as e:
-        row.status, row.reason = "fail", f"{stage}: {one_line(e)}"
+        _record_failure(row, stage, e)
 
 
 def check_type(model_type: str) -> Row:

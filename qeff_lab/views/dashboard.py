@@ -13,7 +13,7 @@ import pandas as pd
 
 from qeff_lab.contracts import Step
 from qeff_lab.views.fallback import StaticFallback
-from qeff_lab.views.tables import CELL_STYLE, COLORS, TABLE_STYLE, _badge, _details_html
+from qeff_lab.views.tables import COLORS, _badge, _details_html, figure_png, steps_table_html
 
 # The stages a model goes through, in order. A stage counts as run when any of its step names is in model.steps;
 # the ones not run yet are listed after the recorded steps, greyed out.
@@ -109,17 +109,10 @@ def compare_step_view(report) -> widgets.Widget:
     details = report.details
     if not hasattr(details, "summary") or not hasattr(details, "per_prompt"):
         return default_step_view(report)
-    import io
-
-    import matplotlib.pyplot as plt
-
     from qeff_lab.views.precision import ladder_figure
 
-    fig, buf = ladder_figure(details), io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    png = buf.getvalue()
-    image = widgets.Image(value=png, format="png", layout=widgets.Layout(max_width="100%"))
+    image = widgets.Image(value=figure_png(ladder_figure(details)), format="png",
+                          layout=widgets.Layout(max_width="100%"))
     view = widgets.VBox([default_step_view(report), image])
     view.add_class("qeff-compare-view")
     return view
@@ -262,20 +255,14 @@ class Dashboard(StaticFallback, widgets.VBox):
     def static_html(self) -> str:
         """The dashboard as static HTML: the header, one row per step (pending stages included), and the view of
         the selected step (HTML parts only)."""
-        head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{h}</th>"
-                       for h in ("step", "status", "time", "summary"))
-        rows = "".join(
-            f"<tr><td style='{CELL_STYLE}'>{html.escape(name)}</td><td style='{CELL_STYLE}'>{_badge(status)}</td>"
-            f"<td style='{CELL_STYLE}'>{_fmt_seconds(seconds)}</td><td style='{CELL_STYLE};"
-            f"{'color:' + COLORS['muted'] if status == 'pending' else ''}'>{html.escape(summary)}</td></tr>"
-            for name, status, seconds, summary in self._rows())
+        table = steps_table_html([(name, status, _fmt_seconds(seconds), summary)
+                                  for name, status, seconds, summary in self._rows()])
         detail = ""
         if self.selected is not None:
             report = self.steps["export"] if self.selected == PASSES_ROW else self.steps[self.selected]
             detail = (f"<div style='margin-top:6px'>view of <b>{html.escape(self.selected)}</b>:</div>"
                       + step_detail_html(report))
-        return (f"<div class='qeff-dashboard-static'>{self._header_html('')}"
-                f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{rows}</table>{detail}</div>")
+        return f"<div class='qeff-dashboard-static'>{self._header_html('')}{table}{detail}</div>"
 
     # ------------------------------------------------------------------ views
     def view_for(self, name: str) -> widgets.Widget:

@@ -110,6 +110,14 @@ HEATMAP_LABEL_PT = 9  # every label's size: 12.5 px at 100 dpi, readable at 100%
 FLUSH_SHOWN_FROM = 1e-4  # sites where at least this share of values flushes to zero get a bar
 
 
+def _headroom_colors(clip_bits: float):
+    """The headroom colour scale of both heatmaps: red below 0 bits (overflow), white at 0, green above."""
+    from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
+
+    cmap = LinearSegmentedColormap.from_list("headroom", [COLORS["overflow"], "#ffffff", COLORS["headroom"]])
+    return cmap, TwoSlopeNorm(0.0, -clip_bits, clip_bits)
+
+
 def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None, title: str = "fp16 headroom",
                    clip_bits: float = 16.0):
     """Site (rows: `input_layernorm: pow`, ...) x layer (columns), coloured by fp16 headroom in bits
@@ -120,7 +128,6 @@ def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None
     notebook shows it at its own size. Inputs are `RangeProfile.heatmap_frame("headroom_bits")` /
     `heatmap_frame("frac_flush")` (layers x sites)."""
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 
     data = headroom.astype(float).clip(-clip_bits, clip_bits).T  # sites x layers
     flush = None
@@ -136,9 +143,8 @@ def heatmap_figure(headroom: pd.DataFrame, underflow: pd.DataFrame | None = None
     grid = fig.add_gridspec(2 if flush is not None else 1, 2, width_ratios=[40, 1],
                             height_ratios=[heat_h, bars_h] if flush is not None else [1])
     ax = fig.add_subplot(grid[0, 0])
-    cmap = LinearSegmentedColormap.from_list("headroom", [COLORS["overflow"], "#ffffff", COLORS["headroom"]])
-    im = ax.imshow(data.values, aspect="auto", cmap=cmap, norm=TwoSlopeNorm(0.0, -clip_bits, clip_bits),
-                   interpolation="nearest")
+    cmap, norm = _headroom_colors(clip_bits)
+    im = ax.imshow(data.values, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
     ax.set_title(f"{title} in bits, log2(65504 / |x| max): red < 0 overflows", fontsize=HEATMAP_LABEL_PT + 1)
     ax.set_yticks(range(data.shape[0]), data.index, fontsize=HEATMAP_LABEL_PT)
     ax.set_xticks(range(data.shape[1]), [str(c) for c in data.columns], fontsize=HEATMAP_LABEL_PT)
@@ -187,7 +193,6 @@ def heatmap_pair_figure(before, after, roles: list[str] | None = None, clip_bits
     """Two profiles side by side (e.g. before and after `fix_precision`): layers x module role, the least fp16
     headroom inside each module. `roles`: default, the roles where `before` overflows (headroom < 0) anywhere."""
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LinearSegmentedColormap, TwoSlopeNorm
 
     b, a = module_headroom(before), module_headroom(after)
     if roles is None:
@@ -196,8 +201,7 @@ def heatmap_pair_figure(before, after, roles: list[str] | None = None, clip_bits
     if missing:
         raise KeyError(f"Module role(s) {missing} not in both profiles; roles in both: "
                        f"{sorted(set(b.columns) & set(a.columns))}.")
-    cmap = LinearSegmentedColormap.from_list("headroom", [COLORS["overflow"], "#ffffff", COLORS["headroom"]])
-    norm = TwoSlopeNorm(0.0, -clip_bits, clip_bits)
+    cmap, norm = _headroom_colors(clip_bits)
     fig, axes = plt.subplots(1, 2, figsize=(HEATMAP_WIDTH_IN, 0.2 * len(b) + 2.0), sharey=True)
     for ax, frame, title in zip(axes, (b, a), titles):
         data = frame[roles].astype(float).clip(-clip_bits, clip_bits)

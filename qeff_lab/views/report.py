@@ -4,13 +4,12 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import io
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 
-from qeff_lab.views.tables import CELL_STYLE, COLORS, TABLE_STYLE, _badge, findings_html, html_table
+from qeff_lab.views.tables import COLORS, figure_png, findings_html, html_table, steps_table_html
 
 # step name -> function(report) returning matplotlib Figures to embed in that step's section. Other owners may add
 # theirs (e.g. a precision heatmap); a details object with a `figures()` method is drawn without registering.
@@ -26,12 +25,7 @@ code,pre{font-family:ui-monospace,monospace;font-size:12px} pre{white-space:pre-
 
 def figure_png_base64(fig) -> str:
     """A matplotlib Figure as base64 PNG (the figure is closed afterwards)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return base64.b64encode(figure_png(fig)).decode("ascii")
 
 
 def img_html(fig, alt: str) -> str:
@@ -110,12 +104,8 @@ def _step_figures(report) -> list:
 
 
 def _steps_table_html(steps: dict) -> str:
-    head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{h}</th>" for h in ("step", "status", "seconds", "summary"))
-    rows = "".join(
-        f"<tr><td style='{CELL_STYLE}'><a href='#step-{html.escape(n)}'>{html.escape(n)}</a></td>"
-        f"<td style='{CELL_STYLE}'>{_badge(r.status)}</td><td style='{CELL_STYLE}'>{r.seconds:.2f}s</td>"
-        f"<td style='{CELL_STYLE}'>{html.escape(r.summary)}</td></tr>" for n, r in steps.items())
-    return f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{rows}</table>"
+    return steps_table_html([(n, r.status, f"{r.seconds:.2f}s", r.summary) for n, r in steps.items()],
+                            time_head="seconds", link=True)
 
 
 def report_html(model, title: str | None = None, steps: dict | None = None) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import io
 import re
 from typing import Any
 
@@ -38,6 +39,30 @@ def _badge(status: str) -> str:
             f"padding:0 4px'>{html.escape(status)}</span>")
 
 
+def steps_table_html(rows, time_head: str = "time", link: bool = False) -> str:
+    """The static steps table (class qeff-steps) of the report and the dashboard's stored copy: `rows` of (step,
+    status, time text, summary), the status as a badge, a pending row's summary muted; `link`: each step name an
+    anchor to its `#step-<name>` section."""
+    head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{h}</th>" for h in ("step", "status", time_head, "summary"))
+    body = ""
+    for name, status, time_text, summary in rows:
+        label = f"<a href='#step-{html.escape(name)}'>{html.escape(name)}</a>" if link else html.escape(name)
+        muted = ";color:" + COLORS["muted"] if status == "pending" else ""
+        body += (f"<tr><td style='{CELL_STYLE}'>{label}</td><td style='{CELL_STYLE}'>{_badge(status)}</td>"
+                 f"<td style='{CELL_STYLE}'>{time_text}</td><td style='{CELL_STYLE}{muted}'>{html.escape(summary)}</td></tr>")
+    return f"<table class='qeff-steps' style='{TABLE_STYLE}'><tr>{head}</tr>{body}</table>"
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib Figure as PNG bytes at 100 dpi (the figure is closed afterwards)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 SUMMARY_ABOVE = 12  # a result with more changes than this shows a summary, the full list one click away
 
 
@@ -63,10 +88,13 @@ def changes_summary_frame(result) -> pd.DataFrame:
     return out if out["MiB"].ne("").any() else out.drop(columns="MiB")
 
 
-def transform_headline(result) -> str:
-    """e.g. 'ExternalData: 273 initializers: inline -> external (model.onnx.data), 621.3 MiB'."""
-    groups = changes_summary_frame(result)
-    if hasattr(result, "summary_frame") or len(groups) != 1:
+def transform_headline(result, groups: pd.DataFrame | None = None) -> str:
+    """e.g. 'ExternalData: 273 initializers: inline -> external (model.onnx.data), 621.3 MiB' (`groups`:
+    changes_summary_frame(result) when the caller has it)."""
+    if hasattr(result, "summary_frame"):  # grouped its own way (a SwapResult): its own summary line
+        return result.summary()
+    groups = changes_summary_frame(result) if groups is None else groups
+    if len(groups) != 1:
         return result.summary()
     g = groups.iloc[0]
     size = f", {g['MiB']} MiB" if g.get("MiB", "") else ""
@@ -81,10 +109,11 @@ def render_transform(result, full_list: bool = True) -> str:
         return f"<div><b>{html.escape(result.name)}</b>: nothing to change{note}</div>"
     if not full_list:  # one line: the narrow panels
         return f"<div style='font-size:11px'>{html.escape(transform_headline(result))}</div>"
-    full = html_table(result.to_frame(), max_rows=len(result.changes))
     if len(result.changes) <= SUMMARY_ABOVE:
         return html_table(result.to_frame(), caption=f"{result.name}: {len(result.changes)} change(s)")
-    return (html_table(changes_summary_frame(result), caption=transform_headline(result), css_class="qeff-summary")
+    full = html_table(result.to_frame(), max_rows=len(result.changes))
+    groups = changes_summary_frame(result)
+    return (html_table(groups, caption=transform_headline(result, groups), css_class="qeff-summary")
             + details_html(f"all {len(result.changes)} changes", full))
 
 

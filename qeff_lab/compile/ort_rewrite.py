@@ -306,7 +306,10 @@ def verify(plan: OrtGraphPlan, onnx_path: Path, folder: Path, ctx_len: int, pref
     return plan
 
 
-def _options(threads: int | None, weights_dir: Path | None = None):
+def session_options(threads: int | None = None, weights_dir: Path | None = None):
+    """The embedded backend's ONNX Runtime options, one place for every session it opens (this module's check and
+    runtime.session): threads, quiet logs, optimisation left at ORT's default (ORT_ENABLE_ALL), and the folder of
+    the weights when the graph lives elsewhere."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -326,7 +329,7 @@ def _run_exported(onnx_path: Path, calls, ctx_len: int, P: int, threads) -> np.n
     """Logits of each call on the exported graph (padded to the compiled shapes, cache fed back through numpy)."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), _options(threads), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(onnx_path), session_options(threads), providers=["CPUExecutionProvider"])
     past = {n: np.zeros((1, h, ctx_len, d), np.float32) for n, (h, d) in _past_shapes(sess).items()}
     names = [o.name for o in sess.get_outputs()]
     out = []
@@ -344,7 +347,7 @@ def _run_rewritten(graph: Path, weights_dir: Path, calls, ctx_len: int, threads)
     """Logits of each call on the rewritten graph, its cache bound in place as the runner binds it."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(graph.read_bytes(), _options(threads, weights_dir), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(graph.read_bytes(), session_options(threads, weights_dir), providers=["CPUExecutionProvider"])
     io = sess.io_binding()
     cache = {}
     for n, (h, d) in _past_shapes(sess).items():  # one spare slot, as the runner allocates

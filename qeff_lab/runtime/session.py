@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 # the embedded backend's ONNX Runtime options: one function (below runtime) for the compile step's checks and here
-from qeff_lab.compile.ort_rewrite import _options as session_options
+from qeff_lab.compile.ort_rewrite import session_options
 
 # Weights larger than this are mapped from the external-data file instead of copied: ONNX Runtime maps external
 # data by default, but prepacking MatMul weights and constant-folding Transpose(weight) make anonymous copies of

@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from qeff_lab.precision.numerics import kl_divergence  # noqa: F401  (one KL for the ladder and the island search)
+
 
 def token_match_rate(ref: Sequence[int], cand: Sequence[int]) -> float:
     """Share of positions (over the reference's length) where the candidate's token is the reference's."""
@@ -46,24 +48,6 @@ def logit_errors(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
     diff[~np.isfinite(diff)] = np.inf
     return {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
             "argmax_agreement": float((ref.argmax(-1) == cand.argmax(-1)).mean())}
-
-
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    m = logits.max(-1, keepdims=True)
-    return logits - (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))
-
-
-def kl_divergence(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
-    """KL(P_ref || P_cand) per position of two [positions, vocab] logit arrays, in nats (as llama.cpp's
-    `--kl-divergence` reports against base logits). A position with non-finite candidate logits is inf."""
-    ref, cand = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
-    bad = ~np.isfinite(cand).all(-1)
-    cand = np.where(np.isfinite(cand), cand, 0.0)
-    lp, lq = _log_softmax(ref), _log_softmax(cand)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    kl = np.maximum(kl, 0.0)  # rounding can give -1e-17
-    kl[bad] = np.inf
-    return kl
 
 
 def kl_stats(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:

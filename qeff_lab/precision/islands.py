@@ -30,7 +30,7 @@ from torch import nn
 
 from qeff_lab.pipeline import HtmlRepr, timed
 from qeff_lab.precision.emulate import Fp16Emulation, fp16_weights
-from qeff_lab.precision.numerics import FP16_MAX
+from qeff_lab.precision.numerics import FP16_MAX, kl_divergence
 from qeff_lab.precision.profile import OUTPUT, ROOT, RangeProfiler
 
 METRICS = {  # name -> (default target, higher is better, what it measures)
@@ -181,12 +181,9 @@ def _runs(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> Callable[
 def _score(metric: str, ref: torch.Tensor, out: torch.Tensor) -> float:
     if metric == "token_match":
         return float((ref.argmax(-1) == out.argmax(-1)).float().mean())
-    if metric == "kl":  # KL(P_ref || P_out) per row, as accuracy.metrics.kl_divergence; non-finite rows: inf
-        bad = ~torch.isfinite(out).all(-1)
-        lp = torch.log_softmax(ref.double(), -1)
-        lq = torch.log_softmax(torch.where(torch.isfinite(out), out, 0.0).double(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
-        return float(torch.where(bad, torch.full_like(kl, math.inf), kl).mean())
+    if metric == "kl":  # mean KL(P_ref || P_out) per row; non-finite rows: inf
+        rows = ref.shape[-1]
+        return float(kl_divergence(ref.detach().reshape(-1, rows).numpy(), out.detach().reshape(-1, rows).numpy()).mean())
     cos = torch.nn.functional.cosine_similarity(ref.double(), out.double(), dim=-1)
     return float(torch.where(torch.isfinite(cos), cos, torch.full_like(cos, -1.0)).min())
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from qeff_lab.contracts import FP16_MAX, FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL  # noqa: F401  (re-exported)
@@ -62,3 +64,21 @@ def tensor_stats(t: torch.Tensor) -> tuple[int, float, float, int, int, int, int
             flush += tiny
         lo_v = min(lo_v, lo)
     return n, hi_v, lo_v, over, sub, flush, nonfinite
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    m = logits.max(-1, keepdims=True)
+    return logits - (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))
+
+
+def kl_divergence(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P_cand) per position of two [positions, vocab] logit arrays, in nats (as llama.cpp's
+    `--kl-divergence` reports against base logits). A position with non-finite candidate logits is inf."""
+    ref, cand = np.asarray(ref, np.float64), np.asarray(cand, np.float64)
+    bad = ~np.isfinite(cand).all(-1)
+    cand = np.where(np.isfinite(cand), cand, 0.0)
+    lp, lq = _log_softmax(ref), _log_softmax(cand)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    kl = np.maximum(kl, 0.0)  # rounding can give -1e-17
+    kl[bad] = np.inf
+    return kl

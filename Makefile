@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 	$(PY) -m qeff_lab.cli setup-models
+	# matplotlib builds its font cache on first import and says so on stderr; build it here, not inside a notebook
+	$(PY) -c "import matplotlib.font_manager"
 
 demo: setup
 	$(PY) -m qeff_lab.cli demo

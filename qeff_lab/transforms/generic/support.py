@@ -12,6 +12,8 @@ import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 
+from qeff_lab.transforms.generic.overrides import override_for
+
 # Config fields that only state-space / recurrent / linear-attention models carry.
 RECURRENT_FIELDS = ("ssm_state_size", "state_size", "mamba_d_state", "mamba_expand", "conv_kernel", "d_conv",
                     "layers_block_type", "hybrid_override_pattern", "attn_layer_period", "block_types",
@@ -157,7 +159,7 @@ def check_support(config_or_model) -> Support:
         if "update_recurrent_state" in source or "update_conv_state" in source:
             return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a recurrent / convolutional state "
                                   f"(cache.update_recurrent_state), not a KV cache; {UNSUPPORTED_TODO}.")
-        if "ALL_ATTENTION_FUNCTIONS" not in source:
+        if "ALL_ATTENTION_FUNCTIONS" not in source and override_for(mt) is None:
             return Support(False, f"{mt}: its attention does not dispatch through AttentionInterface "
                                   "(set_attn_implementation cannot reach it); needs a named override.")
     return Support(True)

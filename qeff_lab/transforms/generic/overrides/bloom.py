@@ -1,0 +1,1 @@
+"""bloom: hand-written ALiBi attention (no AttentionInterface); it already calls cache.update(k, v, layer_idx) and builds ALiBi over arange(kv_length) of the cache's mask size (every ctx_len slot = its position)."""

@@ -1,0 +1,1 @@
+"""mpt: hand-written ALiBi attention (no AttentionInterface); it already calls cache.update(k, v, layer_idx) and slices its ALiBi bias relative to the last key slot (a per-row constant shift under softmax: exact)."""

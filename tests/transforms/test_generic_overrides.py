@@ -2,7 +2,7 @@
 attention does not dispatch through AttentionInterface. HF eager greedy tokens == retained-state PyTorch tokens ==
 ONNX Runtime tokens, exactly, for 16 new tokens on a right-padded batch of 2 prompts (5 and 13 tokens), on tiny
 random configs covering each model's variants (Falcon multi-query / multi-head + ALiBi / new decoder architecture,
-GPT-Neo local windows shorter than the sequence, Bloom and MPT ALiBi)."""
+GPT-Neo local windows shorter than the sequence, Bloom and MPT ALiBi, OpenAI GPT without any HF KV cache)."""
 import importlib
 import pkgutil
 
@@ -40,6 +40,8 @@ CASES = {
                                                          intermediate_multiple_size=2, vocab_size=VOCAB,
                                                          max_position_embeddings=256, bos_token_id=1,
                                                          eos_token_id=2)),
+    # no KV cache in HF at all: the override threads the retained cache through model, blocks and attention
+    "openai-gpt": (tf.OpenAIGPTConfig, dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256)),
 }
 
 
@@ -106,6 +108,18 @@ def test_report_names_the_override_and_undo_restores_the_model():
     undo_generic_kv_transform(model)
     assert type(model) is tf.GPTNeoForCausalLM and model.config._attn_implementation == "eager"
     assert type(model.transformer.h[1].attn.attention).__name__ == "GPTNeoSelfAttention"
+
+
+def test_undo_of_a_multi_class_override():
+    model = tiny("openai-gpt")
+    reference = hf_greedy(model, prompts(), 4)
+    generic_kv_transform(model)
+    assert type(model).__name__ == "RetainedCachedOpenAIGPTLMHeadModel"
+    assert model.kv_cache_layout() == [(4, 16), (4, 16)]
+    undo_generic_kv_transform(model)
+    classes = {type(m).__name__ for m in model.modules()}
+    assert type(model) is tf.OpenAIGPTLMHeadModel and not {c for c in classes if c.startswith(("Cached", "Retained"))}
+    assert hf_greedy(model, prompts(), 4) == reference  # HF generate works again (no cache, full re-read)
 
 
 def test_every_override_file_is_registered_and_says_why_on_its_first_line():

@@ -26,7 +26,7 @@ from qeff_lab.transforms.base import swap_modules, unswap_modules
 NAME = "GenericRetainedStateOverride"
 # model type -> file in this package
 OVERRIDES = {"bloom": "bloom", "falcon": "falcon", "gpt_neo": "gpt_neo", "gpt_neox_japanese": "gpt_neox_japanese",
-             "mpt": "mpt", "xglm": "xglm"}
+             "mpt": "mpt", "openai-gpt": "openai_gpt", "xglm": "xglm"}
 
 
 def override_for(model_type: str) -> ModuleType | None:

@@ -152,10 +152,6 @@ def test_sliding_window_is_applied_beyond_the_window():
      r"^mamba: MambaMixer .*recurrent state.*transformers. own generate"),
     (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=VOCAB)),
      r"^t5: encoder-decoder"),
-    (lambda: tf.Llama4ForCausalLM(tf.Llama4TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                                      vocab_size=VOCAB)),
-     r"^llama4_text: Llama4TextAttention\.forward builds positions from cache\.get_seq_length\(\)"),
 ])
 def test_unsupported_architectures_fail_at_load_with_a_reason(build, expected):
     model = build().eval()

@@ -1,8 +1,9 @@
-"""Named overrides of the generic retained-state path (qeff_lab/transforms/generic/overrides/): model types whose
-attention does not dispatch through AttentionInterface. HF eager greedy tokens == retained-state PyTorch tokens ==
-ONNX Runtime tokens, exactly, for 16 new tokens on a right-padded batch of 2 prompts (5 and 13 tokens), on tiny
-random configs covering each model's variants (Falcon multi-query / multi-head + ALiBi / new decoder architecture,
-GPT-Neo local windows shorter than the sequence, Bloom and MPT ALiBi, OpenAI GPT without any HF KV cache)."""
+"""Named overrides of the generic retained-state path (qeff_lab/transforms/generic/overrides/): model types the
+interfaces cannot reach as they are. HF eager greedy tokens == retained-state PyTorch tokens == ONNX Runtime tokens,
+exactly, for 16 new tokens on a right-padded batch of 2 prompts (5 and 13 tokens), on tiny random configs covering
+each model's variants: Falcon multi-query / multi-head + ALiBi / new decoder architecture, GPT-Neo local windows
+shorter than the sequence, Bloom and MPT ALiBi, Llama 4's complex rotary and NoPE temperature, OpenAI GPT (no HF
+KV cache at all)."""
 import importlib
 import pkgutil
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import transformers as tf
 
+from qeff_lab.commands.support_matrix import tiny_config
 from qeff_lab.models.causal_lm import QEFFAutoModelForCausalLM
 from qeff_lab.runtime.generation import TorchKVRunner, generate_ids
 from qeff_lab.transforms.generic import (RetainedStateCausalLM, check_support, generic_kv_transform,
@@ -40,9 +42,20 @@ CASES = {
                                                          intermediate_multiple_size=2, vocab_size=VOCAB,
                                                          max_position_embeddings=256, bos_token_id=1,
                                                          eos_token_id=2)),
+    # complex rotary (real pairs here), chunked attention, MoE; NoPE layer 1's attention temperature grows every
+    # floor_scale positions: 4 < the prompts, so it acts (the default 8192 would leave it 1 throughout; the
+    # default attn_scale 0.1 barely moves these tiny logits)
+    "llama4_text": (lambda **kw: _changed(tiny_config("llama4_text"), **kw),
+                    dict(floor_scale=4, attn_scale=1.0)),
     # no KV cache in HF at all: the override threads the retained cache through model, blocks and attention
     "openai-gpt": (tf.OpenAIGPTConfig, dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256)),
 }
+
+
+def _changed(config, **changes):
+    for name, value in changes.items():
+        setattr(config, name, value)
+    return config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -92,6 +105,23 @@ def test_gpt_neo_local_window_really_acts():
         generic_kv_transform(model)
         outs.append(generate_ids(TorchKVRunner(model, 2, 4, CTX), prompt_ids, NEW)[0])
     assert outs[0] != outs[1]
+
+
+def test_llama4_temperature_really_acts():
+    """Control: with the default floor_scale the NoPE layer's temperature stays 1, and the tokens differ."""
+    prompt_ids = prompts()
+    outs = []
+    for floor_scale in (4, 8192):
+        model = tiny("llama4_text", floor_scale=floor_scale)
+        assert not model.model.layers[1].self_attn.use_rope and model.config.attn_temperature_tuning
+        generic_kv_transform(model)
+        outs.append(generate_ids(TorchKVRunner(model, 2, 4, CTX), prompt_ids, NEW)[0])
+    assert outs[0] != outs[1]
+
+
+def test_positions_from_the_cache_length_are_still_refused_without_an_override():
+    reason = check_support(tf.CONFIG_MAPPING["moshi"]()).reason
+    assert reason.startswith("moshi: MoshiDepthDecoder.forward builds positions from cache.get_seq_length()")
 
 
 def test_report_names_the_override_and_undo_restores_the_model():

@@ -151,7 +151,7 @@ def check_support(config_or_model) -> Support:
     module = _modeling_module(config)
     if module is not None:
         calls = _positions_from_seq_length(module.__name__)
-        if calls:
+        if calls and override_for(mt) is None:
             return Support(False, f"{mt}: {calls[0]} builds positions from cache.get_seq_length() even when "
                                   "position_ids are given (a retained cache has no single length; each row's "
                                   "positions are its position_ids); needs a named override or the family swap path.")

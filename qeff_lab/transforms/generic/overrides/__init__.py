@@ -1,17 +1,20 @@
-"""Named overrides: model types whose attention does not dispatch through AttentionInterface, one small file each.
+"""Named overrides: model types the generic interfaces cannot reach as they are, one small file each.
 
-transformers refuses `set_attn_implementation` for these models (their attention modules are hand-written classes,
-not the functional `ALL_ATTENTION_FUNCTIONS` dispatch). Most of them still do what the retained-state path needs:
-the attention calls `cache.update(k, v, layer_idx)` and adds the 4D mask that `create_causal_mask` builds from
+Most are models whose attention does not dispatch through AttentionInterface (transformers refuses
+`set_attn_implementation` for them) but still does what the retained-state path needs: it calls
+`cache.update(k, v, layer_idx)` and adds the 4D mask that `create_causal_mask` builds from
 `config._attn_implementation`. An override therefore:
 - sets `config._attn_implementation` to the retained attention name directly, so `create_causal_mask` reaches the
   retained mask (AttentionMaskInterface: the causal mask at position_ids against arange(ctx_len)); the model's own
   attention reads the name only to pick its sdpa / flash branches, so any other name runs its eager code;
 - replaces, where a module-level helper does not export (falcon's ALiBi builder), that helper by a twin computing
   the same values (`install()` in the file);
-- swaps, where the model's own code assumes keys end at the query (a mask or bias sliced from the end of the key
-  axis), the attention class for a subclass that does the same at the real positions (`SWAPS` in the file).
-Each file's first line says why it exists; MLP, norms, rotary, ALiBi stay the model's own code.
+- swaps (`SWAPS` in the file), where the model's own code cannot take the retained cache as it is, a module class
+  for a subclass: gpt_neo (a mask buffer sliced as if the queries were the last key slots), openai-gpt (no KV cache
+  at all), llama4_text (complex rotary; positions from cache.get_seq_length()).
+support.py skips its source checks (AttentionInterface dispatch, positions from the cache length) for the types
+listed here; the transform's probe forward and the tests still run them. Each file's first line says why it exists;
+MLP, norms, rotary and ALiBi stay the model's own code wherever they can.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from qeff_lab.transforms.base import swap_modules, unswap_modules
 NAME = "GenericRetainedStateOverride"
 # model type -> file in this package
 OVERRIDES = {"bloom": "bloom", "falcon": "falcon", "gpt_neo": "gpt_neo", "gpt_neox_japanese": "gpt_neox_japanese",
+             "llama4_text": "llama4_text",
              "mpt": "mpt", "openai-gpt": "openai_gpt", "xglm": "xglm"}
 
 

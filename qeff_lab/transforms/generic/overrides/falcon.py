@@ -1,4 +1,7 @@
-"""falcon: hand-written attention (no AttentionInterface; multi-query / new-decoder K/V, ALiBi or rotary) that already calls cache.update(k, v, layer_idx) and adds the 4D mask; only its ALiBi builder needs an exportable twin.
+"""falcon: hand-written attention (no AttentionInterface); only its ALiBi builder needs an exportable twin.
+
+The attention (multi-query, new-decoder K/V, parallel blocks; ALiBi or rotary) already calls
+cache.update(k, v, layer_idx) and adds the 4D mask from create_causal_mask.
 
 `modeling_falcon.build_alibi_tensor` multiplies bfloat16 slopes by int64 positions; the TorchScript exporter casts
 the implicitly promoted operand to complex128 (ONNX Runtime: "Type 'tensor(complex128)' ... of operator (Mul) is

@@ -1,4 +1,9 @@
-"""gpt_neo: hand-written attention (no AttentionInterface) that slices its causal / local-window mask buffer as if the queries were the last key slots; this applies the window at the real positions instead."""
+"""gpt_neo: its causal / local-window mask buffer is sliced as if the queries were the last key slots.
+
+GPT-Neo's attention (no AttentionInterface) calls cache.update(k, v, layer_idx), but `_attn` takes rows
+`key_length - query_length:` of a [max_positions, max_positions] band buffer; on the retained cache the keys span
+ctx_len and the queries sit at position_ids. This applies the window at the real positions instead.
+"""
 from __future__ import annotations
 
 import torch

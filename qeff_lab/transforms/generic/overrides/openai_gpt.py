@@ -1,4 +1,9 @@
-"""openai-gpt: the HF model has no KV cache at all (every generate step re-reads the whole sequence; no AttentionInterface); this threads the retained cache through model, blocks and attention."""
+"""openai-gpt: the HF model has no KV cache at all; this threads the retained cache through it.
+
+Every HF generate step re-reads the whole sequence (no AttentionInterface either). Model, blocks and attention get
+subclasses that pass the retained cache down; the mask is the retained causal mask at position_ids instead of the
+top-left slice of the attention's `bias` buffer.
+"""
 from __future__ import annotations
 
 import math

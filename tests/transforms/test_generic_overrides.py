@@ -70,6 +70,8 @@ def tiny(case: str, seed: int = 0, **changes):
     config_cls, kwargs = CASES[case]
     config = config_cls(**{**kwargs, **changes})
     config.initializer_range = 0.1  # livelier logits than 0.02: fewer near-ties in the greedy comparison
+    if hasattr(config, "init_std"):  # xglm's name for it (at 0.02 its tokens hardly depend on positions)
+        config.init_std = 0.1
     torch.manual_seed(seed)
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
 
@@ -86,8 +88,18 @@ def test_tokens_match_hf_in_pytorch_and_onnxruntime(case, tmp_path, monkeypatch)
     prompt_ids = prompts()
     reference = hf_greedy(model, prompt_ids, NEW)
     assert reference[0] != reference[1]  # different prompts, different answers
+    with torch.no_grad():  # logits too: tiny random models' greedy tokens barely react to a wrong absolute position
+        hf_logits = torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompt_ids])
     qeff = QEFFAutoModelForCausalLM.from_model(model, name=f"tiny-{case}")
     assert isinstance(qeff.model, RetainedStateCausalLM)
+    width = max(PROMPT_LENGTHS)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    pos = torch.full((2, width), -1, dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, :len(p)], pos[i, :len(p)] = torch.tensor(p), torch.arange(len(p))
+    with torch.no_grad():
+        logits, _ = qeff.model(ids, pos, qeff.model.new_kv_cache(2, CTX))
+    torch.testing.assert_close(logits[:, 0], hf_logits, atol=1e-4, rtol=0)
     for prefill in (16, 4):  # one chunk; four chunks (the last one padded with -1)
         ids, _, _ = generate_ids(TorchKVRunner(qeff.model, 2, prefill, CTX), prompt_ids, NEW)
         assert ids == reference, f"{case}, prefill {prefill}: retained-state PyTorch tokens differ from HF"

@@ -3,7 +3,7 @@ interfaces cannot reach as they are. HF eager greedy tokens == retained-state Py
 exactly, for 16 new tokens on a right-padded batch of 2 prompts (5 and 13 tokens), on tiny random configs covering
 each model's variants: Falcon multi-query / multi-head + ALiBi / new decoder architecture, GPT-Neo local windows
 shorter than the sequence, Bloom and MPT ALiBi, Llama 4's complex rotary and NoPE temperature, OpenAI GPT (no HF
-KV cache at all)."""
+KV cache at all), TrOCR (positions from the cache length)."""
 import importlib
 import pkgutil
 
@@ -47,6 +47,14 @@ CASES = {
     # default attn_scale 0.1 barely moves these tiny logits)
     "llama4_text": (lambda **kw: _changed(tiny_config("llama4_text"), **kw),
                     dict(floor_scale=4, attn_scale=1.0)),
+    # positions from cache.get_seq_length() in HF (no position_ids): learned and sinusoidal tables
+    "trocr": (tf.TrOCRConfig, dict(d_model=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=128,
+                                   vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2)),
+    "trocr-sinusoidal": (tf.TrOCRConfig, dict(d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                              decoder_ffn_dim=128, vocab_size=VOCAB, max_position_embeddings=256,
+                                              pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                              use_learned_position_embeddings=False)),
     # no KV cache in HF at all: the override threads the retained cache through model, blocks and attention
     "openai-gpt": (tf.OpenAIGPTConfig, dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256)),
 }
@@ -70,7 +78,7 @@ def tiny(case: str, seed: int = 0, **changes):
     config_cls, kwargs = CASES[case]
     config = config_cls(**{**kwargs, **changes})
     config.initializer_range = 0.1  # livelier logits than 0.02: fewer near-ties in the greedy comparison
-    if hasattr(config, "init_std"):  # xglm's name for it (at 0.02 its tokens hardly depend on positions)
+    if hasattr(config, "init_std"):  # xglm's and trocr's name for it (at 0.02 their tokens hardly see positions)
         config.init_std = 0.1
     torch.manual_seed(seed)
     return tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()

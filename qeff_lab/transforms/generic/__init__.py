@@ -13,7 +13,9 @@ Design
 - a mask function registered in `AttentionMaskInterface` that evaluates the model's own `mask_function`
   (causal / sliding / chunked per layer type) at real query positions against `arange(ctx_len)`;
 - for MoE, a dense experts function registered in `ExpertsInterface`;
-- one named override: RoPE cos/sin tables (rope_tables.py; why at its top).
+- named overrides: RoPE cos/sin tables (rope_tables.py; why at its top), and per model type the interfaces cannot
+  reach as it is (hand-written attention: bloom, falcon, gpt_neo, mpt, ...) a small file in overrides/ whose
+  first line says why (overrides/__init__.py: the mechanism).
 The graph contract is the family path's: input_ids, position_ids, past_key.{i}/past_value.{i} -> logits
 [B,1,V] fp32 at argmax(position_ids), *_RetainedState; CtxScatter/CtxGather as ONNX functions.
 
@@ -28,7 +30,8 @@ Traps handled
   masked row); the model gets position_ids.clamp(min=0) (learned tables such as gpt2's raise on -1).
 - `get_seq_length()` returns ctx_len - new tokens (past + new spans the buffer): models that size a padding mask or
   ALiBi key positions from it (opt, biogpt, ctrl) cover every slot; one that builds positions from it even when
-  position_ids are given (llama4's attention temperature) is refused by reading its source (support.py).
+  position_ids are given is refused by reading its source (support.py) unless it has a named override
+  (llama4_text's attention temperature, trocr's positional embedding: overrides/).
 - `set_attn_implementation` only warns when a model cannot take it: checked after the call.
 - MoE "eager" experts loop over the experts hit (data-dependent, frozen by tracing); "grouped_mm" has no ONNX
   lowering: dense experts instead.

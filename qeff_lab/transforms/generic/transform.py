@@ -7,6 +7,7 @@ RetainedStateCache from the explicit buffers and calls the HF forward with it.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import torch
@@ -21,6 +22,18 @@ from qeff_lab.transforms.generic.support import check_support
 from qeff_lab.transforms.kv_cache import kept_logit_indices
 
 NAME = "GenericRetainedStateKVCache"
+OVERRIDES_NAME = "GenericModuleOverrides"
+# model_type -> module with SWAPS {HF class: replacement} and WHY, for what the interfaces cannot reach (one small
+# file each, why at its top); imported only for that model type
+MODULE_OVERRIDES = {"jetmoe": "qeff_lab.transforms.generic.jetmoe"}
+
+
+def _module_overrides(model: nn.Module) -> TransformResult:
+    path = MODULE_OVERRIDES.get(model.config.model_type)
+    if path is None:
+        return TransformResult(OVERRIDES_NAME)
+    override = importlib.import_module(path)
+    return swap_modules(model, override.SWAPS, OVERRIDES_NAME, override.WHY)
 
 
 class RetainedStateCausalLM:
@@ -162,8 +175,10 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
         if experts:
             old_experts = config._experts_implementation
             model.set_experts_implementation(interfaces.EXPERTS_NAME)
+        overrides = _module_overrides(model)
         layout = _probe(model, cache_kw)
     except BaseException:
+        unswap_modules(model, OVERRIDES_NAME)
         model.set_attn_implementation(old_attn)
         if undo["experts"] is not None and getattr(config, "_experts_implementation", None) != undo["experts"]:
             model.set_experts_implementation(undo["experts"])
@@ -181,6 +196,7 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
            "builds a RetainedStateCache from the explicit buffers each call")
     swap = swap_modules(model, lambda path, m: (_retained_class(type(m)), why) if m is model else None, NAME)
     result.changes.extend(swap.changes)
+    result.changes.extend(overrides.changes)
     kinds = sorted({interfaces.eager_for(m)[1].split(".")[-2] + ".eager_attention_forward"
                     if interfaces.eager_for(m)[1] != "generic" else "generic eager"
                     for m in model.modules() if type(m).__name__.endswith("Attention")})
@@ -221,6 +237,7 @@ def undo_generic_kv_transform(model: nn.Module) -> None:
     if undo is None:
         return
     unswap_modules(model, NAME, only=lambda path, m: m is model)
+    unswap_modules(model, OVERRIDES_NAME)
     model.set_attn_implementation(undo["attn"])
     if undo["experts"] is not None and model.config._experts_implementation != undo["experts"]:
         model.set_experts_implementation(undo["experts"])

@@ -13,9 +13,10 @@ Design
 - a mask function registered in `AttentionMaskInterface` that evaluates the model's own `mask_function`
   (causal / sliding / chunked per layer type) at real query positions against `arange(ctx_len)`;
 - for MoE, a dense experts function registered in `ExpertsInterface`;
-- named overrides: RoPE cos/sin tables (rope_tables.py; why at its top), and per model type the interfaces cannot
-  reach as it is (hand-written attention: bloom, falcon, gpt_neo, mpt, ...) a small file in overrides/ whose
-  first line says why (overrides/__init__.py: the mechanism).
+- named overrides, one small file each with its why at the top: RoPE cos/sin tables (rope_tables.py), ONNX
+  symbolics (onnx_symbolics.py), and per model type the interfaces cannot reach as it is (hand-written attention:
+  bloom, falcon, gpt_neo, mpt, ...; JetMoE's data-dependent MoE routing) a file in overrides/ (the mechanism:
+  overrides/__init__.py).
 The graph contract is the family path's: input_ids, position_ids, past_key.{i}/past_value.{i} -> logits
 [B,1,V] fp32 at argmax(position_ids), *_RetainedState; CtxScatter/CtxGather as ONNX functions.
 
@@ -32,6 +33,8 @@ Traps handled
   ALiBi key positions from it (opt, biogpt, ctrl) cover every slot; one that builds positions from it even when
   position_ids are given is refused by reading its source (support.py) unless it has a named override
   (llama4_text's attention temperature, trocr's positional embedding: overrides/).
+- BERT-style stacks (config.is_decoder read by the modeling code) with is_decoder=False attend bidirectionally and
+  keep no cache: refused at load, naming is_decoder=True (support.py).
 - `set_attn_implementation` only warns when a model cannot take it: checked after the call.
 - MoE "eager" experts loop over the experts hit (data-dependent, frozen by tracing); "grouped_mm" has no ONNX
   lowering: dense experts instead.

@@ -104,6 +104,14 @@ def _classes_calling(module_name: str, methods: tuple[str, ...]) -> tuple[str, .
     return tuple(found)
 
 
+@lru_cache(maxsize=None)
+def _reads_is_decoder(module_name: str) -> bool:
+    """Whether the modeling code reads `config.is_decoder` (BERT-style stacks: causal and cached only when set)."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(module_name)))
+    return any(isinstance(n, ast.Attribute) and n.attr == "is_decoder" and isinstance(n.ctx, ast.Load)
+               and "config" in ast.unparse(n.value) for n in ast.walk(tree))
+
+
 RECURRENT_CALLS = ("update_conv_state", "update_recurrent_state", "get_recurrent_state", "get_conv_state")
 UNSUPPORTED_TODO = "not supported by the retained-state path (run it with transformers' own generate instead)"
 
@@ -155,6 +163,12 @@ def check_support(config_or_model) -> Support:
             return Support(False, f"{mt}: {calls[0]} builds positions from cache.get_seq_length() even when "
                                   "position_ids are given (a retained cache has no single length; each row's "
                                   "positions are its position_ids); needs a named override or the family swap path.")
+        if (getattr(config, "is_decoder", None) is False and _reads_is_decoder(module.__name__)
+                and override_for(mt) is None):  # trocr: TrOCRForCausalLM sets is_decoder=True itself
+            return Support(False, f"{mt}: is_decoder=False makes its attention bidirectional (each token also sees "
+                                  "the later ones, so earlier keys/values change with every new token) and turns "
+                                  "its cache off; a retained KV cache needs causal attention. Load it with "
+                                  "is_decoder=True (its causal decoder mode).")
         source = inspect.getsource(module)
         if "update_recurrent_state" in source or "update_conv_state" in source:
             return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a recurrent / convolutional state "

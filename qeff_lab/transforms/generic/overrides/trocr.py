@@ -3,7 +3,8 @@
 TrOCR's attention (no AttentionInterface) already calls cache.update(k, v, layer_idx) and adds the 4D mask from
 create_causal_mask; only the positional embedding needs the real positions. The decoder hands the retained cache's
 per-row positions to its positional embedding for the duration of the call (as transform.py hands the last-token
-index to the output-embedding hook).
+index to the output-embedding hook). TrOCRForCausalLM sets config.is_decoder=True itself (is_decoder only adds
+cross-attention layers here; self-attention is always causal), so support.py's is_decoder check does not apply.
 """
 from __future__ import annotations
 

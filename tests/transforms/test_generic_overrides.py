@@ -144,6 +144,15 @@ def test_positions_from_the_cache_length_are_still_refused_without_an_override()
     assert reason.startswith("moshi: MoshiDepthDecoder.forward builds positions from cache.get_seq_length()")
 
 
+def test_falcon_new_decoder_cache_keeps_only_the_kv_heads():
+    model = tiny("falcon-new-decoder")
+    generic_kv_transform(model)
+    assert model.kv_cache_layout() == [(2, 16), (2, 16)]  # not the 4 broadcast copies per layer
+    multi_query = tiny("falcon")
+    generic_kv_transform(multi_query)
+    assert multi_query.kv_cache_layout() == [(1, 16), (1, 16)]
+
+
 def test_report_names_the_override_and_undo_restores_the_model():
     model = tiny("gpt_neo")
     params = dict(model.named_parameters())

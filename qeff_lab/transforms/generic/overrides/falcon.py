@@ -1,7 +1,8 @@
-"""falcon: hand-written attention (no AttentionInterface); only its ALiBi builder needs an exportable twin.
+"""falcon: hand-written attention (no AttentionInterface); an exportable ALiBi twin, grouped K/V for new-decoder models.
 
 The attention (multi-query, new-decoder K/V, parallel blocks; ALiBi or rotary) already calls
-cache.update(k, v, layer_idx) and adds the 4D mask from create_causal_mask.
+cache.update(k, v, layer_idx) and adds the 4D mask from create_causal_mask; with the new decoder architecture it
+broadcasts K/V to every query head first, so `RetainedFalconAttention` keeps the cache at num_kv_heads instead.
 
 `modeling_falcon.build_alibi_tensor` multiplies bfloat16 slopes by int64 positions; the TorchScript exporter casts
 the implicitly promoted operand to complex128 (ONNX Runtime: "Type 'tensor(complex128)' ... of operator (Mul) is
@@ -41,3 +42,34 @@ def build_alibi_tensor(attention_mask: torch.Tensor, num_heads: int, dtype: torc
 
 def install() -> None:
     modeling_falcon.build_alibi_tensor = build_alibi_tensor
+
+
+class RetainedFalconAttention(modeling_falcon.FalconAttention):
+    """New decoder architecture (falcon-40b / 180b), rotary: the cache keeps the num_kv_heads keys / values, not the
+    copies `_split_heads` broadcasts to every query head (num_heads / num_kv_heads times the memory); each query head
+    reads its group's key / value, as the broadcast gave it. Every other variant: the model's own forward."""
+
+    def forward(self, hidden_states, alibi, attention_mask, position_ids=None, layer_past=None, use_cache=False,
+                output_attentions=False, position_embeddings=None, **kwargs):
+        if not self.new_decoder_architecture or alibi is not None:
+            return super().forward(hidden_states, alibi, attention_mask, position_ids, layer_past, use_cache,
+                                   output_attentions, position_embeddings, **kwargs)
+        batch, length, _ = hidden_states.shape
+        group = self.num_heads // self.num_kv_heads
+        qkv = self.query_key_value(hidden_states).view(batch, length, self.num_kv_heads, group + 2, self.head_dim)
+        query = qkv[:, :, :, :-2].flatten(2, 3).transpose(1, 2)  # [B, heads, S, D], heads grouped by KV head
+        key, value = qkv[:, :, :, -2].transpose(1, 2), qkv[:, :, :, -1].transpose(1, 2)  # [B, kv_heads, S, D]
+        query, key = modeling_falcon.apply_rotary_pos_emb(query, key, *position_embeddings)
+        if layer_past is not None:
+            key, value = layer_past.update(key, value, self.layer_idx)
+        shape = (batch, self.num_heads, key.shape[2], self.head_dim)
+        key = key[:, :, None].expand(batch, self.num_kv_heads, group, *key.shape[2:]).reshape(shape)
+        value = value[:, :, None].expand(batch, self.num_kv_heads, group, *value.shape[2:]).reshape(shape)
+        scores = query @ key.transpose(-1, -2)
+        scores /= math.sqrt(self.head_dim)
+        probs = torch.softmax(scores + attention_mask, dim=-1, dtype=hidden_states.dtype)
+        out = (probs @ value).transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+        return self.dense(out), probs
+
+
+SWAPS = {modeling_falcon.FalconAttention: RetainedFalconAttention}

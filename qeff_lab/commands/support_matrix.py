@@ -4,7 +4,8 @@ For every decoder-only type (transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) an
 (MODEL_FOR_MASKED_LM_MAPPING_NAMES) a tiny random model is built from the config class's defaults, shrunk
 generically (hidden 64, 2 layers, 4 heads, 2 KV heads, FFN 128, vocab 128, windows 6, 4 experts / top-2, ...):
 
-- decoders: HF eager greedy tokens (model.generate, 16 new tokens, no EOS, each prompt alone) ==
+- decoders: HF eager greedy tokens (model.generate, plain argmax, 16 new tokens, EOS neither stops nor is banned,
+  each prompt alone; all-zero weight matrices such as a zero-initialised router drawn at random first) ==
   QEFFAutoModelForCausalLM.from_model(...) on the transformed PyTorch model == the same model compiled for ONNX
   Runtime; one right-padded batch of 2 prompts of 5 and 13 tokens (shorter and longer than prefill_seq_len=8),
   ctx_len 48, batch_size 2;
@@ -219,18 +220,46 @@ def _first_divergence(got: list[list[int]], ref: list[list[int]], what: str) -> 
 
 
 def _hf_greedy(model, prompts) -> list[list[int]]:
+    """Plain argmax decoding, NEW_TOKENS each. Not `min_new_tokens` with `eos_token_id=None`: generate fills the
+    EOS id back in from the model's generation_config and the min-length processor then bans it, so the
+    reference would never emit EOS where a greedy decoder (ours) does. EOS is cleared at the source instead."""
+    import copy
+
     import torch
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                           eos_token_id=None, pad_token_id=0)
+    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS, pad_token_id=0)
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.eos_token_id = None
     out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 generation_config=gen)
-            out.append(ids[0, len(p):].tolist())
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     generation_config=gen)
+                out.append(ids[0, len(p):].tolist())
+    finally:
+        model.generation_config = saved
+    if any(len(o) != NEW_TOKENS for o in out):
+        raise RuntimeError(f"HF generate stopped early ({[len(o) for o in out]} of {NEW_TOKENS} new tokens)")
     return out
+
+
+def randomize_zero_matrices(model, std: float) -> list[str]:
+    """Draw every all-zero weight matrix from normal(0, std); returns their names. Why: a zero-initialised router
+    (afmoe's `router.gate`) gives every expert the same score, and TopK's choice among exact ties is
+    implementation-defined (PyTorch CPU and ONNX Runtime pick different experts), which says nothing about a
+    trained checkpoint. Biases and 1-D weights (norms) keep their initialisation."""
+    import torch
+
+    names = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.dim() >= 2 and not param.any():
+                param.normal_(0.0, std)
+                names.append(name)
+    return names
 
 
 def _record_failure(row: Row, stage: str, exc: Exception) -> None:
@@ -266,6 +295,7 @@ def check_decoder(model_type: str, row: Row) -> None:
     try:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+        randomize_zero_matrices(model, getattr(config, "initializer_range", None) or 0.02)
         row.model_class = type(model).__name__
         stage = "HF eager generate"
         prompts = prompt_ids()
@@ -609,7 +639,9 @@ def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float
         "Every decoder-only model type (transformers' causal-LM mapping) and encoder type (masked-LM mapping), as a "
         "tiny random model built from its config class's defaults, shrunk (hidden 64, 2 layers, 4 heads, 2 KV "
         "heads, FFN 128, vocab 128, sliding windows 6, 4 experts / top-2).",
-        f"Decoders: HF eager greedy tokens ({NEW_TOKENS} new, no EOS) == transformed PyTorch == ONNX Runtime, "
+        f"Decoders: HF eager greedy tokens ({NEW_TOKENS} new, plain argmax: EOS neither stops nor is banned; "
+        "all-zero weight matrices, e.g. a zero-initialised router, drawn at random) == transformed PyTorch == "
+        "ONNX Runtime, "
         f"one batch of {BATCH} prompts of {' and '.join(map(str, PROMPT_LENGTHS))} tokens "
         f"(prefill_seq_len {PREFILL}, ctx_len {CTX}). Encoders: last hidden states within {ENCODER_ATOL:g} (abs) "
         "at the real tokens of a padded batch of 2.",

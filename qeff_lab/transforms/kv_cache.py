@@ -34,10 +34,14 @@ class UnsupportedConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def kv_masks(position_ids: torch.Tensor, ctx_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention mask [B,1,S,ctx] True = masked, ctx_indices [B,ctx] with -1 beyond each row's last position)."""
+def kv_masks(position_ids: torch.Tensor, ctx_len: int, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention mask [B,1,S,ctx] True = masked, ctx_indices [B,ctx] with -1 beyond each row's last position).
+    With a sliding `window` a query at position q also masks kv_index <= q - window (HF's sliding_window_overlay):
+    the window moves over the retained buffer, so ctx_len is not limited by it."""
     kv_index = torch.arange(ctx_len, device=position_ids.device)
     masked = kv_index[None, None, None, :] > position_ids[:, None, :, None]
+    if window is not None:
+        masked = masked | (kv_index[None, None, None, :] <= position_ids[:, None, :, None] - window)
     limit = position_ids.max(dim=1, keepdim=True).values
     ctx_indices = torch.where(kv_index[None, :] > limit, torch.full_like(limit, -1), kv_index[None, :])
     return masked, ctx_indices
@@ -185,18 +189,28 @@ class KVDecoderModel:
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def sliding_windows(self, num_layers: int) -> list[int | None]:
+        """Each layer's sliding window (None: full causal attention). As HF Mistral / Phi-3: one mask for every
+        layer, sliding when `config.sliding_window` is set; Qwen2 overrides it per layer type."""
+        return [getattr(self.config, "sliding_window", None)] * num_layers
+
     def forward(self, input_ids, position_ids, past_key_values, batch_index=None):
         hidden = self.embed(input_ids, position_ids)
         rotary = getattr(self, self.rotary_name) if self.rotary_name else None
         rope = rotary(hidden, position_ids) if rotary is not None else None
-        masked, ctx_indices = kv_masks(position_ids, past_key_values[0][0].shape[2])
+        ctx_len = past_key_values[0][0].shape[2]
+        windows = self.sliding_windows(len(past_key_values))
         rep = self.config.num_attention_heads // past_key_values[0][0].shape[1]
-        if rep > 1:  # grouped-query heads: the mask folded to [B, 1, rep * S, ctx] once, not in every layer
-            b, _, s, ctx = masked.shape
-            masked = masked[:, :, None].expand(b, 1, rep, s, ctx).reshape(b, 1, rep * s, ctx)
+        masks = {}
+        for window in dict.fromkeys(windows):  # one mask per distinct window, built once, not in every layer
+            masked, ctx_indices = kv_masks(position_ids, ctx_len, window)
+            if rep > 1:  # grouped-query heads: the mask folded to [B, 1, rep * S, ctx]
+                b, _, s, ctx = masked.shape
+                masked = masked[:, :, None].expand(b, 1, rep, s, ctx).reshape(b, 1, rep * s, ctx)
+            masks[window] = masked
         new_past = []
-        for layer, (past_key, past_value) in zip(getattr(self, self.layers_name), past_key_values):
-            hidden, key, value = layer(hidden, rope, position_ids, masked, ctx_indices, past_key, past_value,
+        for layer, window, (past_key, past_value) in zip(getattr(self, self.layers_name), windows, past_key_values):
+            hidden, key, value = layer(hidden, rope, position_ids, masks[window], ctx_indices, past_key, past_value,
                                        batch_index)
             new_past.append((key, value))
         return getattr(self, self.norm_name)(hidden), new_past
@@ -261,16 +275,10 @@ class Family:
             raise UnsupportedConfigError(f"{self.name}: cross-attention decoders are not supported.")
 
     def max_ctx_len(self, config) -> tuple[int, str]:
-        """The largest ctx_len these blocks reproduce exactly for `config`, and why."""
-        limit = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None), "max_position_embeddings")
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None)
-        sliding_used = window and (layer_types is None or "sliding_attention" in layer_types)
-        if getattr(config, "use_sliding_window", True) is False:
-            sliding_used = False
-        if sliding_used and window < limit[0]:
-            limit = (window, "sliding_window (the blocks attend to the whole context, not a window)")
-        return limit
+        """The largest ctx_len these blocks reproduce exactly for `config`, and why. A sliding window does not
+        limit it: every layer keeps the whole ctx_len buffer and the mask applies the window at real positions."""
+        return (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+                "max_position_embeddings")
 
 
 STANDARD_WHY = {

@@ -188,10 +188,13 @@ def test_mxint8_kv_cache_changes_only_the_custom_io_dtype():
     assert not [a for a in model.compile_result.command if a.startswith("-mx")]  # not a compiler flag
 
 
-def test_sliding_window_limits_ctx_len():
+def test_sliding_window_does_not_limit_ctx_len():
+    """The window moves over the retained buffer (tests/transforms/test_kv_families.py decodes beyond it);
+    ctx_len is limited by the position tables only."""
     model = QEFFAutoModelForCausalLM.from_model(tiny_model("mistral", sliding_window=16), "tiny-mistral-window")
-    with pytest.raises(ValueError, match="sliding_window"):
-        model.compile(prefill_seq_len=8, ctx_len=32)
+    assert model.max_ctx_len() == (256, "max_position_embeddings")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.compile(prefill_seq_len=8, ctx_len=512)
 
 
 def test_unsupported_architecture_from_pretrained(minilm_path):

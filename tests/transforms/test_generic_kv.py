@@ -45,6 +45,15 @@ CASES = {
     "opt": (tf.OPTConfig, tf.OPTForCausalLM, {**COMMON, "ffn_dim": 128, "word_embed_proj_dim": 64}),
     "apertus": (tf.ApertusConfig, tf.ApertusForCausalLM, COMMON),  # xIELU activation: aten::expm1 at export
     "glm": (tf.GlmConfig, tf.GlmForCausalLM, {**COMMON, "head_dim": 16}),  # interleaved RoPE: repeat_interleave
+    "bitnet": (tf.BitNetConfig, tf.BitNetForCausalLM, COMMON),  # relu2, sub-norms
+    # layer 0 full, layer 1 sliding (window 6 < the 13-token prompt)
+    "modernbert-decoder": (tf.ModernBertDecoderConfig, tf.ModernBertDecoderForCausalLM,
+                           {**COMMON, "sliding_window": WINDOW, "layer_types": ["full_attention", "sliding_attention"]}),
+    # BERT-style stack: causal and cached only as a decoder (is_decoder=False is refused, see below)
+    "bert-generation": (tf.BertGenerationConfig, tf.BertGenerationDecoder, {**COMMON, "is_decoder": True}),
+    # mixture of attention heads + MoE MLP with data-dependent split sizes: jetmoe.py's dense override
+    "jetmoe": (tf.JetMoeConfig, tf.JetMoeForCausalLM,
+               {**COMMON, "kv_channels": 16, "num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 
 
@@ -152,10 +161,8 @@ def test_sliding_window_is_applied_beyond_the_window():
      r"^mamba: MambaMixer .*recurrent state.*transformers. own generate"),
     (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=VOCAB)),
      r"^t5: encoder-decoder"),
-    (lambda: tf.Llama4ForCausalLM(tf.Llama4TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                                      vocab_size=VOCAB)),
-     r"^llama4_text: Llama4TextAttention\.forward builds positions from cache\.get_seq_length\(\)"),
+    (lambda: tf.BertGenerationDecoder(tf.BertGenerationConfig(**{**COMMON, "is_decoder": False})),
+     r"^bert-generation: is_decoder=False makes its attention bidirectional.*Load it with is_decoder=True"),
 ])
 def test_unsupported_architectures_fail_at_load_with_a_reason(build, expected):
     model = build().eval()
@@ -174,8 +181,50 @@ def test_mla_is_named():
     assert check_support(tf.LlamaConfig()).ok
 
 
+def test_greedy_reference_keeps_eos_and_the_retained_path_decodes_past_it():
+    """The reference is plain argmax: a token the model calls EOS is emitted (not banned by a min-length rule) and
+    decoding goes on after it, as the retained-state loop does."""
+    model = tiny("llama")
+    prompt_ids = prompts()
+    free = hf_greedy(model, prompt_ids)
+    eos = free[0][2]
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    reference = hf_greedy(model, prompt_ids)
+    assert reference == free and eos in reference[0][:NEW - 1]
+    generic_kv_transform(model)
+    ids, _, _ = generate_ids(TorchKVRunner(model, 2, 4, CTX), prompt_ids, NEW)
+    assert ids == reference
+
+
+def test_jetmoe_dense_override_equals_its_grouped_experts():
+    """The dense MoE MLP / mixture-of-attention projections give JetMoE's own numbers, on a batch where every
+    expert gets a different number of tokens, and are swapped back by the undo."""
+    from transformers.models.jetmoe import modeling_jetmoe as hf_jetmoe
+
+    from qeff_lab.transforms.generic.overrides.jetmoe import DenseJetMoeMoA, DenseJetMoeMoE
+
+    model = tiny("jetmoe")
+    layer = model.model.layers[0]
+    moe, moa = layer.mlp, layer.self_attention.experts
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want_mlp = moe(x)
+        want_q, _, topo = moa.map(x)
+        want_out = moa.reduce(want_q, topo)
+    result = generic_kv_transform(model)
+    assert type(moe) is DenseJetMoeMoE and type(moa) is DenseJetMoeMoA
+    assert {c.after for c in result.changes} >= {"DenseJetMoeMoE", "DenseJetMoeMoA"}
+    with torch.no_grad():
+        got_q, _, dense_topo = moa.map(x)
+        torch.testing.assert_close(moe(x), want_mlp, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_q, want_q, rtol=0, atol=1e-6)
+        torch.testing.assert_close(moa.reduce(want_q, dense_topo), want_out, rtol=0, atol=1e-6)
+    undo_generic_kv_transform(model)
+    assert type(moe) is hf_jetmoe.JetMoeMoE and type(moa) is hf_jetmoe.JetMoeMoA
+
+
 # ----------------------------------------------------------------------------- export: the same graph contract
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral", "apertus", "glm"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral", "apertus", "glm", "jetmoe"])
 def test_onnx_export_runs_in_onnxruntime_with_hf_tokens(model_type):
     import onnx
 

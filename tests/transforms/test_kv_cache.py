@@ -108,6 +108,10 @@ def test_masks_follow_the_device_conventions():
     assert ctx_indices[0].tolist() == [0, 1, 2] + [-1] * 7  # beyond the row's last position: invalid
     assert ctx_indices[1].tolist() == [-1] * 10
     assert ctx_indices[2].tolist() == list(range(9)) + [-1]
+    windowed, same_indices = kv_masks(position_ids, 10, window=3)
+    assert torch.equal(same_indices, ctx_indices)
+    assert windowed[2, 0, 3].tolist() == [True] * 6 + [False] * 3 + [True]  # q = 8 sees 6, 7, 8 (8 - 3 < kv <= 8)
+    assert windowed[0, 0, 1].tolist() == masked[0, 0, 1].tolist() and windowed[1].all()
 
 
 def test_unsupported_architecture_fails_clearly():

@@ -34,3 +34,22 @@ def test_token_parity_hf_pytorch_onnxruntime(family):
 
     one_at_a_time, _, _ = generate_ids(TorchKVRunner(qeff.model, 1, PREFILL, CTX), prompt_ids, NEW_TOKENS)
     assert one_at_a_time == reference
+
+
+@pytest.mark.parametrize("family, window", [
+    ("mistral", dict(sliding_window=6)),  # every layer slides
+    ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),  # layer 0 full, layer 1 slides
+])
+def test_sliding_window_beyond_the_window_length(family, window):
+    """Prompts of 5-13 tokens + 24 new ones with a window of 6: the window moves over the retained ctx_len buffer
+    (not a ctx_len limit). Control: the same weights without the window give other tokens."""
+    model = tiny_model(family, **window)
+    prompt_ids = prompts()
+    reference = hf_greedy(model, prompt_ids)
+    assert reference != hf_greedy(tiny_model(family, sliding_window=None), prompt_ids)  # the window acts
+
+    qeff = QEFFAutoModelForCausalLM.from_model(model, f"tiny-{family}-window")
+    assert qeff.path == f"family {qeff.family.name}" and qeff.max_ctx_len()[0] == 256
+    assert qeff.generate_from_ids(prompt_ids, NEW_TOKENS, runtime="pytorch").ids == reference
+    qeff.compile(prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=2)
+    assert qeff.generate_from_ids(prompt_ids, NEW_TOKENS).ids == reference, f"{family}: ONNX Runtime tokens differ"

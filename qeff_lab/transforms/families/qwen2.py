@@ -10,7 +10,9 @@ class QEffQwen2ForCausalLM(KVCausalLM, hf.Qwen2ForCausalLM):
 
 
 class QEffQwen2Model(KVDecoderModel, hf.Qwen2Model):
-    pass
+    def sliding_windows(self, num_layers):  # as HF Qwen2: the window only on "sliding_attention" layers
+        window = self.config.sliding_window
+        return [window if t == "sliding_attention" else None for t in self.config.layer_types[:num_layers]]
 
 
 class QEffQwen2DecoderLayer(KVDecoderLayer, hf.Qwen2DecoderLayer):

@@ -12,6 +12,8 @@ import inspect
 from dataclasses import dataclass
 from functools import lru_cache
 
+from qeff_lab.transforms.generic.overrides import override_for
+
 # Config fields that only state-space / recurrent / linear-attention models carry.
 RECURRENT_FIELDS = ("ssm_state_size", "state_size", "mamba_d_state", "mamba_expand", "conv_kernel", "d_conv",
                     "layers_block_type", "hybrid_override_pattern", "attn_layer_period", "block_types",
@@ -102,6 +104,14 @@ def _classes_calling(module_name: str, methods: tuple[str, ...]) -> tuple[str, .
     return tuple(found)
 
 
+@lru_cache(maxsize=None)
+def _reads_is_decoder(module_name: str) -> bool:
+    """Whether the modeling code reads `config.is_decoder` (BERT-style stacks: causal and cached only when set)."""
+    tree = ast.parse(inspect.getsource(importlib.import_module(module_name)))
+    return any(isinstance(n, ast.Attribute) and n.attr == "is_decoder" and isinstance(n.ctx, ast.Load)
+               and "config" in ast.unparse(n.value) for n in ast.walk(tree))
+
+
 RECURRENT_CALLS = ("update_conv_state", "update_recurrent_state", "get_recurrent_state", "get_conv_state")
 UNSUPPORTED_TODO = "not supported by the retained-state path (run it with transformers' own generate instead)"
 
@@ -149,15 +159,21 @@ def check_support(config_or_model) -> Support:
     module = _modeling_module(config)
     if module is not None:
         calls = _positions_from_seq_length(module.__name__)
-        if calls:
+        if calls and override_for(mt) is None:
             return Support(False, f"{mt}: {calls[0]} builds positions from cache.get_seq_length() even when "
                                   "position_ids are given (a retained cache has no single length; each row's "
                                   "positions are its position_ids); needs a named override or the family swap path.")
+        if (getattr(config, "is_decoder", None) is False and _reads_is_decoder(module.__name__)
+                and override_for(mt) is None):  # trocr: TrOCRForCausalLM sets is_decoder=True itself
+            return Support(False, f"{mt}: is_decoder=False makes its attention bidirectional (each token also sees "
+                                  "the later ones, so earlier keys/values change with every new token) and turns "
+                                  "its cache off; a retained KV cache needs causal attention. Load it with "
+                                  "is_decoder=True (its causal decoder mode).")
         source = inspect.getsource(module)
         if "update_recurrent_state" in source or "update_conv_state" in source:
             return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a recurrent / convolutional state "
                                   f"(cache.update_recurrent_state), not a KV cache; {UNSUPPORTED_TODO}.")
-        if "ALL_ATTENTION_FUNCTIONS" not in source:
+        if "ALL_ATTENTION_FUNCTIONS" not in source and override_for(mt) is None:
             return Support(False, f"{mt}: its attention does not dispatch through AttentionInterface "
                                   "(set_attn_implementation cannot reach it); needs a named override.")
     return Support(True)

@@ -16,6 +16,7 @@ from qeff_lab.pipeline import Change, TransformResult
 from qeff_lab.transforms.base import swap_modules, unswap_modules
 from qeff_lab.transforms.generic import interfaces, onnx_symbolics
 from qeff_lab.transforms.generic.cache import ProbeCache, RetainedStateCache, UnsupportedArchitectureError
+from qeff_lab.transforms.generic.overrides import apply_override, undo_override
 from qeff_lab.transforms.generic.rope_tables import apply_rope_tables, remove_rope_tables
 from qeff_lab.transforms.generic.support import check_support
 from qeff_lab.transforms.kv_cache import kept_logit_indices
@@ -152,11 +153,14 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
             "experts": getattr(config, "_experts_implementation", None)}
 
     old_attn = config._attn_implementation
-    model.set_attn_implementation(interfaces.ATTENTION_NAME)
+    override = apply_override(model, interfaces.ATTENTION_NAME)  # None: the interfaces reach the attention
+    if override is None:
+        model.set_attn_implementation(interfaces.ATTENTION_NAME)
     if config._attn_implementation != interfaces.ATTENTION_NAME:  # transformers only warns when it cannot
         raise UnsupportedArchitectureError(
             f"{mt}: {type(model).__name__} does not accept set_attn_implementation (its attention does not go through "
             "AttentionInterface); needs a named override.")
+    undo["override"] = override is not None
     try:
         experts = [m for m in model.modules() if hasattr(m, "_apply_gate") and hasattr(m, "has_gate")]
         if experts:
@@ -164,7 +168,10 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
             model.set_experts_implementation(interfaces.EXPERTS_NAME)
         layout = _probe(model, cache_kw)
     except BaseException:
-        model.set_attn_implementation(old_attn)
+        if override is not None:
+            undo_override(model, old_attn)
+        else:
+            model.set_attn_implementation(old_attn)
         if undo["experts"] is not None and getattr(config, "_experts_implementation", None) != undo["experts"]:
             model.set_experts_implementation(undo["experts"])
         raise
@@ -184,9 +191,12 @@ def generic_kv_transform(model: nn.Module, rope_tables: bool = True) -> Transfor
     kinds = sorted({interfaces.eager_for(m)[1].split(".")[-2] + ".eager_attention_forward"
                     if interfaces.eager_for(m)[1] != "generic" else "generic eager"
                     for m in model.modules() if type(m).__name__.endswith("Attention")})
-    result.changes.append(Change("config._attn_implementation", old_attn, interfaces.ATTENTION_NAME,
-                                 "AttentionInterface: the model's own eager attention over the gathered context ("
-                                 + (", ".join(kinds) or "eager_attention_forward") + ")"))
+    if override is not None:
+        result.changes.extend(override)
+    else:
+        result.changes.append(Change("config._attn_implementation", old_attn, interfaces.ATTENTION_NAME,
+                                     "AttentionInterface: the model's own eager attention over the gathered context ("
+                                     + (", ".join(kinds) or "eager_attention_forward") + ")"))
     result.changes.append(Change("AttentionMaskInterface", "-", interfaces.ATTENTION_NAME,
                                  "the model's own mask_function (causal / sliding / chunked) at position_ids vs "
                                  "arange(ctx_len); additive MASK_VALUE"))
@@ -221,7 +231,10 @@ def undo_generic_kv_transform(model: nn.Module) -> None:
     if undo is None:
         return
     unswap_modules(model, NAME, only=lambda path, m: m is model)
-    model.set_attn_implementation(undo["attn"])
+    if undo.get("override"):
+        undo_override(model, undo["attn"])
+    else:
+        model.set_attn_implementation(undo["attn"])
     if undo["experts"] is not None and model.config._experts_implementation != undo["experts"]:
         model.set_experts_implementation(undo["experts"])
     remove_rope_tables(model)

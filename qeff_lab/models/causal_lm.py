@@ -93,11 +93,6 @@ class QEFFAutoModelForCausalLM(QEFFBaseModel):
         self.qaic_config = check_qaic_config(qaic_config, model.config.vocab_size)  # include_sampler, ...
         self.is_tlm = self.qaic_config.get("speculative_model_type") == "target"  # QEfficient's attribute name
         self.family = FAMILIES.get(getattr(model.config, "model_type", None))  # None: the generic path
-        if continuous_batching and self.family is None:
-            raise UnsupportedModelError(
-                f"continuous_batching=True needs the batch_index scatter/gather of the hand-written blocks; "
-                f"{model.config.model_type!r} takes the generic path, which does not have it yet. Load it without "
-                f"continuous_batching (batches run as static batches), or use one of {supported_families()}.")
         if continuous_batching and self.is_tlm:
             raise ValueError("continuous_batching=True with a speculative-decoding target (qaic_config="
                              "{'speculative_model_type': 'target'}): speculative decoding runs batch 1 without "

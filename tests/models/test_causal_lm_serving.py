@@ -61,3 +61,23 @@ def test_full_batch_size_needs_continuous_batching(served):
         plain.compile(prefill_seq_len=8, ctx_len=64, full_batch_size=2)
     with pytest.raises(ValueError, match="continuous_batching must be True or False"):
         QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=8), "x", continuous_batching="yes")
+
+
+def test_a_generic_path_model_serves_from_its_folder(tmp_path, smollm2_path):
+    """A model type without a hand-written family (starcoder2: GQA, biases, sliding window of 6) saved as an HF
+    folder: from_pretrained(continuous_batching=True) takes the generic path, and the texts equal HF greedy alone."""
+    from tests.transforms.test_generic_kv import tiny
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    hf = tiny("starcoder2", seed=8, vocab_size=len(tok), eos_token_id=tok.eos_token_id)
+    hf.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = QEFFAutoModelForCausalLM.from_pretrained(str(tmp_path), continuous_batching=True)
+    assert model.path == "generic"
+    model.compile(prefill_seq_len=8, ctx_len=64, full_batch_size=2)
+    lengths = [6, 3, 10, 1, 8]
+    out = model.generate(tok, PROMPTS, generation_len=lengths, verbose=False)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    for got, p, n in zip(out.ids, ids, lengths):
+        assert got == hf_greedy(hf, [p], n)[0][:len(got)] and (len(got) == n or got[-1] == tok.eos_token_id)
+    assert len(out.metrics.requests) == 5 and out.metrics.full_batch_size == 2

@@ -187,3 +187,61 @@ def test_prefix_caching_needs_continuous_batching(served):
     plain = QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=5), "tiny-plain-prefix")
     with pytest.raises(ValueError, match="prefix_caching need\\(s\\) continuous batching"):
         plain.generate_from_ids([[5, 6, 7]], 2, runtime="pytorch", prefix_caching=True)
+
+
+# ----------------------------------------------------------------------------- the generic path
+# transformers' own attention through the interfaces, the retained cache's update() with CtxScatterCB / CtxGatherCB
+GENERIC = ("gemma2", "qwen3", "gpt_bigcode")  # sliding-window layers + soft-capping; qk-norm; MQA + learned positions
+
+
+def _small_vocab(ids: list[list[int]]) -> list[list[int]]:
+    return [[3 + t % 120 for t in p] for p in ids]  # the generic tiny models have 128 tokens
+
+
+@pytest.fixture(scope="module", params=GENERIC)
+def generic_served(request):
+    from tests.transforms.test_generic_kv import hf_greedy as generic_hf_greedy, tiny
+
+    hf = tiny(request.param, seed=5)
+    model = QEFFAutoModelForCausalLM.from_model(tiny(request.param, seed=5), f"tiny-{request.param}-cb",
+                                                continuous_batching=True)
+    model.compile(prefill_seq_len=PREFILL, ctx_len=CTX, full_batch_size=FBS)
+    prompt_ids = _small_vocab(prompts(seed=21, lengths=LENGTHS))
+    reference = [r[:g] for r, g in zip(generic_hf_greedy(hf, prompt_ids, max(GEN)), GEN)]
+    return model, hf, prompt_ids, reference
+
+
+def test_generic_path_graph_has_the_batch_index_ops(generic_served):
+    model, hf, *_ = generic_served
+    assert model.path == "generic"
+    io = model.onnx_io().set_index("name")
+    assert list(io.index[io.direction == "input"])[-1] == "batch_index"
+    assert io.loc["past_key.0", "shape"].startswith("['full_batch_size', ")
+    layers = hf.config.num_hidden_layers
+    ops = model.export_result.custom_ops
+    assert ops["CtxScatterCB"] == ops["CtxGatherCB"] == 2 * layers
+    assert "CtxScatter" not in ops and "CtxGather" not in ops
+
+
+def test_generic_path_serves_each_prompt_as_alone_and_as_hf(generic_served):
+    """7 prompts of 1 to 41 tokens on 3 slots, per-request lengths, on ONNX Runtime: HF eager's greedy tokens, the
+    same as each prompt served alone, and as the PyTorch runner."""
+    model, _, prompt_ids, reference = generic_served
+    out = model.generate_from_ids(prompt_ids, GEN)
+    assert out.ids == reference and out.stopped == ["length"] * len(GEN)
+    assert out.metrics.backend == "onnxruntime" and max(r.slot for r in out.metrics.requests) == FBS - 1
+    assert [model.generate_from_ids([p], [g]).ids[0] for p, g in zip(prompt_ids, GEN)] == reference
+    runner = TorchKVRunner(model.model, 1, PREFILL, CTX, full_batch_size=FBS)
+    assert generate_continuous(runner, prompt_ids, GEN)[0] == reference
+
+
+def test_generic_path_prefix_caching(generic_served):
+    model, *_ = generic_served
+    prompt_ids, gen = _shared_prefix_prompts()
+    prompt_ids = _small_vocab(prompt_ids)
+    fresh = model.generate_from_ids(prompt_ids, gen)
+    reused = model.generate_from_ids(prompt_ids, gen, prefix_caching=True)
+    assert reused.ids == fresh.ids
+    saved = [r.prefix_reused for r in reused.metrics.requests]  # a slot also holds its generated tokens: >= 19
+    assert saved[0] == 0 and min(saved[1:5]) >= 19 and saved[5] == 9
+    assert reused.metrics.prefill_steps < fresh.metrics.prefill_steps

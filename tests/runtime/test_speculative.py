@@ -196,6 +196,25 @@ def test_generic_path_target_verifies_k_positions():
     assert ids == hf_greedy(hf, prompt_ids, 12) and metrics.proposed_tokens > 0
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen3"])  # sliding window + soft-capping; qk-norm
+def test_generic_path_target_on_onnxruntime(model_type):
+    """The generic path's exported target graph (num_logits_to_keep through the head's pre-hook) on ONNX Runtime:
+    prompt-lookup speculative decoding gives HF greedy's tokens, rejected drafts' KV never read."""
+    from tests.transforms.test_generic_kv import tiny
+
+    hf = tiny(model_type, seed=3)
+    model = QEFFAutoModelForCausalLM.from_model(tiny(model_type, seed=3), f"tiny-{model_type}-target",
+                                                qaic_config=TARGET)
+    model.compile(prefill_seq_len=PREFILL, ctx_len=CTX, num_speculative_tokens=K)
+    assert model.path == "generic" and model.onnx_io().set_index("name").loc["logits", "shape"].startswith(
+        "['batch_size', 'num_logits_to_keep', ")
+    repeat = [5, 61, 17, 90, 33, 8]
+    prompt_ids = [repeat * 3 + repeat[:2], [7, 100, 3, 45, 66, 12, 9, 120, 31, 77, 4, 58, 19]]
+    out = model.generate_from_ids(prompt_ids, NEW, prompt_lookup_num_tokens=K)
+    assert out.ids == hf_greedy(hf, prompt_ids, NEW) and out.metrics.backend == "onnxruntime"
+    assert out.metrics.proposed_tokens > 0
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_compile_rejects_bad_speculative_settings():
     plain = QEFFAutoModelForCausalLM.from_model(tiny_model("llama"))

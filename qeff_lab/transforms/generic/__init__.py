@@ -18,7 +18,8 @@ Design
   bloom, falcon, gpt_neo, mpt, ...; JetMoE's data-dependent MoE routing) a file in overrides/ (the mechanism:
   overrides/__init__.py).
 The graph contract is the family path's: input_ids, position_ids, past_key.{i}/past_value.{i} -> logits
-[B,1,V] fp32 at argmax(position_ids), *_RetainedState; CtxScatter/CtxGather as ONNX functions.
+[B,1,V] fp32 at argmax(position_ids), *_RetainedState; CtxScatter/CtxGather as ONNX functions. Continuous batching
+as the families: a last input batch_index [B,1], KV buffers of full_batch_size rows, CtxScatterCB/CtxGatherCB.
 
 Traps handled
 -------------

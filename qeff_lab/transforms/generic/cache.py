@@ -2,6 +2,8 @@
 
 `update()` writes the new keys/values with `CtxScatter` at the call's `position_ids` (padding, -1, writes nothing)
 and returns the whole context read back with `CtxGather` (slots beyond each row's last position are exact zeros).
+With a `batch_index` [B, 1] (continuous batching) the buffers hold `full_batch_size` slots and row b writes and reads
+slot `batch_index[b]` (`CtxScatterCB` / `CtxGatherCB`); the mask is per row as ever (each row's own positions).
 The writes are out of place: after the forward, `layer.keys` / `layer.values` are the new buffers, which the
 caller returns as graph outputs. Position ids live on the cache, not in `update()`'s kwargs, because some
 models (gpt_neox) call `update(k, v, layer_idx)` without them.
@@ -12,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from qeff_lab.ops import ctx_gather, ctx_scatter
+from qeff_lab.ops.ctx_cb import ctx_gather_cb, ctx_scatter_cb
 from qeff_lab.transforms.kv_cache import UnsupportedConfigError
 
 
@@ -20,7 +23,8 @@ class UnsupportedArchitectureError(UnsupportedConfigError):
 
 
 class RetainedStateLayer(CacheLayerMixin):
-    """One layer's retained buffers; `update` = CtxScatter at the cache's positions, then CtxGather of the context."""
+    """One layer's retained buffers; `update` = CtxScatter at the cache's positions, then CtxGather of the context
+    (the batch_index variants when the cache has one)."""
 
     is_compileable = False
     is_croppable = False
@@ -34,9 +38,14 @@ class RetainedStateLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys = ctx_scatter(self.keys, self.owner.position_ids, key_states)
-        self.values = ctx_scatter(self.values, self.owner.position_ids, value_states)
-        return ctx_gather(self.keys, self.owner.ctx_indices), ctx_gather(self.values, self.owner.ctx_indices)
+        pos, ctx, bi = self.owner.position_ids, self.owner.ctx_indices, self.owner.batch_index
+        if bi is None:
+            self.keys = ctx_scatter(self.keys, pos, key_states)
+            self.values = ctx_scatter(self.values, pos, value_states)
+            return ctx_gather(self.keys, ctx), ctx_gather(self.values, ctx)
+        self.keys = ctx_scatter_cb(self.keys, bi, pos, key_states)
+        self.values = ctx_scatter_cb(self.values, bi, pos, value_states)
+        return ctx_gather_cb(self.keys, bi, ctx), ctx_gather_cb(self.values, bi, ctx)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.keys.shape[2], 0  # the mask spans every slot; the model's mask_function decides per position
@@ -52,6 +61,8 @@ class RetainedStateCache(Cache):
     """Built per forward from explicit buffers (no Cache object crosses the graph boundary).
 
     - `position_ids` [B, S]: where each new token is written (-1: padding, writes nothing).
+    - `batch_index` [B, 1] or None: continuous batching, the buffers' first axis is `full_batch_size` and row b
+      uses slot `batch_index[b]`; everything else (positions, ctx_indices, mask) stays per batch row.
     - `ctx_indices` [B, ctx_len]: slot k, or -1 beyond the row's largest position (read as zeros).
     - `get_query_offset()` returns the query positions [B, S] (padding mapped to 0 so no mask row is empty):
       `masking_utils` hands it to the registered mask function as `q_offset`, which evaluates the model's own
@@ -59,11 +70,11 @@ class RetainedStateCache(Cache):
     """
 
     def __init__(self, past_key_values, position_ids: torch.Tensor, sliding: list[bool] | None = None,
-                 model_type: str = "model"):
+                 model_type: str = "model", batch_index: torch.Tensor | None = None):
         sliding = sliding or [False] * len(past_key_values)
         super().__init__(layers=[RetainedStateLayer(self, k, v, s) for (k, v), s in zip(past_key_values, sliding)])
         self.model_type = model_type
-        self.position_ids = position_ids
+        self.position_ids, self.batch_index = position_ids, batch_index
         ctx_len = past_key_values[0][0].shape[2]
         slots = torch.arange(ctx_len, device=position_ids.device)
         limit = position_ids.max(dim=1, keepdim=True).values

@@ -1,9 +1,10 @@
 """`generic_kv_transform(model)`: the retained-state contract on any HF causal LM the interfaces reach.
 
-After it, `model(input_ids, position_ids, past_key_values) -> (logits [B, 1, V] fp32, new_past)` exactly like the
-family swaps, plus `model.kv_cache_layout()` and `model.new_kv_cache(batch, ctx_len)`. The HF class is replaced by a
-subclass (`__class__` only: same parameter objects, same state-dict keys) whose `forward` builds a
-RetainedStateCache from the explicit buffers and calls the HF forward with it.
+After it, `model(input_ids, position_ids, past_key_values[, batch_index]) -> (logits [B, 1, V] fp32, new_past)`
+exactly like the family swaps (with `batch_index` [B, 1], continuous batching: buffers of `full_batch_size` rows),
+plus `model.kv_cache_layout()` and `model.new_kv_cache(batch, ctx_len)`. The HF class is replaced by a subclass
+(`__class__` only: same parameter objects, same state-dict keys) whose `forward` builds a RetainedStateCache from the
+explicit buffers and calls the HF forward with it.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ class RetainedStateCausalLM:
     _qeff_layout: list[tuple[int, int]]
     _qeff_sliding: list[bool]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values, num_logits_to_keep=None):
-        cache = RetainedStateCache(past_key_values, position_ids, self._qeff_sliding, self.config.model_type)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, past_key_values, batch_index=None,
+                num_logits_to_keep=None):
+        cache = RetainedStateCache(past_key_values, position_ids, self._qeff_sliding, self.config.model_type,
+                                   batch_index)
         last = kept_logit_indices(position_ids, num_logits_to_keep)  # [B, 1] (each row's last valid position) or [B, n]
         head = self.get_output_embeddings() if self._qeff_head_hook else None
         if head is not None:

@@ -141,7 +141,8 @@ def render_step(report) -> str:
 
 
 def steps_frame(model) -> pd.DataFrame:
-    return pd.DataFrame([{"step": r.step, "status": r.status, "time": f"{r.seconds:.2f} s", "summary": r.summary}
+    # a no-break space: "0.53 s" stays on one line in the narrow time column (it wrapped to "0.53" / "s")
+    return pd.DataFrame([{"step": r.step, "status": r.status, "time": f"{r.seconds:.2f}\u00a0s", "summary": r.summary}
                          for r in model.steps.values()], columns=["step", "status", "time", "summary"])
 
 

@@ -75,7 +75,8 @@ def render_ladder(ladder, timings: bool = False) -> str:
         df.insert(len(df.columns) - 1 if "note" in df.columns else len(df.columns), "seconds",
                   [f"{v:.2f}" for v in ladder.summary["seconds"]])
     df.columns = [c.replace("_", " ") for c in df.columns]  # headers that wrap: the table fits the output area
-    out = html_table(df, caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}", css_class="qeff-ladder")
+    out = html_table(df, caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}", css_class="qeff-ladder",
+                     nowrap=tuple(c for c in df.columns if c not in ("rung", "note")))  # the values on one line
     texts = ladder_texts(ladder)
     if texts is not None:
         out += html_table(texts, caption=f"what each rung generated (greedy, {ladder.generation_len} new tokens)",

@@ -82,6 +82,7 @@ def test_ladder_table_and_plot():
     assert "seconds" in render_ladder(ladder, timings=True)
     # headers in words, so they wrap and the eleven columns fit a notebook's output area (snake_case did not)
     assert "<th" in html and "max abs logit diff" in html and "max_abs_logit_diff" not in html
+    assert "white-space:nowrap'>&lt;1e-03</td>" in html  # and the values on one line ("<1e-" / "06" read badly)
     # the text form is the same on every CPU: noise below its tolerance, 2 significant digits otherwise
     table = ladder.table().set_index("rung")
     assert table.loc["HF fp32", "max_abs_logit_diff"] == "<1e-03" and "4.315e-05" not in html

@@ -224,7 +224,7 @@ def graph_tables_html(report: GraphReport, full_lists: bool = True) -> str:
 
 # The side panel: narrow, so its tables wrap long names instead of widening the box; it scrolls vertically.
 SIDE_STYLE = ("<style>.qeff-graph-tables table{max-width:100%;table-layout:auto}"
-              ".qeff-graph-tables td,.qeff-graph-tables th{overflow-wrap:anywhere;font-size:11px}"
+              ".qeff-graph-tables td,.qeff-graph-tables th{overflow-wrap:anywhere;font-size:11px;line-height:1.35}"
               ".qeff-graph-tables th{overflow-wrap:normal}</style>")  # headers break between words only
 NETRON_CONSENT = ("netron may first show a cookie notice over the graph (it asks once per browser): "
                   "accept it to see the graph.")

@@ -129,7 +129,7 @@ def test_graph_view_side_panel_stays_in_its_box(tour_page):
     assert fit["scroll"] <= fit["client"] + 1, fit  # nothing wider than the panel: no cut columns
     assert fit["right"] <= fit["viewRight"] + 1, fit  # the panel inside the view
     # summaries only (full lists in the static copy); no row taller than ~5 lines of its 11 px text (the bug was
-    # rows hundreds of px tall; SmolLM2's folded I/O rows wrap their shapes to 4 lines, 61 px, in the 40% panel)
+    # rows hundreds of px tall; SmolLM2's folded I/O rows wrap names and shapes to 3 lines, ~50 px, in the 40% panel)
     assert 5 < fit["rows"] < 60 and fit["tallest"] < 80, fit
 
 

@@ -135,16 +135,6 @@ class IslandSearch(HtmlRepr):
     def __repr__(self) -> str:
         return f"<IslandSearch {self.summary()}>"
 
-    def _repr_html_(self) -> str:
-        from qeff_lab.pipeline import _VIEWS, show
-
-        if any(k[0] is IslandSearch for k in _VIEWS):
-            return show(self, "html")
-        import html
-
-        return (f"<div><b>fp32 islands</b>: {html.escape(self.summary())}</div>"
-                + self.steps.to_html(index=False, formatters={"value": _fmt}) + self.to_frame().to_html(index=False))
-
 
 def _fmt(v: float) -> str:
     return "inf" if v == math.inf else f"{v:.4g}"

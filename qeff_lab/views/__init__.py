@@ -8,7 +8,8 @@ from qeff_lab.views.compile import render_compile_result
 from qeff_lab.views.dashboard import STEP_SUMMARIES, Dashboard, dashboard
 from qeff_lab.views.generation import render_generation
 from qeff_lab.views.graph import NetronServer, graph_view
-from qeff_lab.views.precision import ladder_summary, render_findings, render_ladder, render_profile, render_report
+from qeff_lab.views.precision import (ladder_summary, render_findings, render_islands, render_ladder, render_profile,
+                                      render_report)
 from qeff_lab.views.report import report_html, write_report
 from qeff_lab.views.serving import SlotView, render_serving  # noqa: F401  registers the ServingMetrics view
 
@@ -20,6 +21,7 @@ def _register() -> None:
     from qeff_lab.pipeline import StepReport, TransformResult, register_view
     from qeff_lab.precision.analyze import PrecisionReport
     from qeff_lab.precision.findings import Findings
+    from qeff_lab.precision.islands import IslandSearch
     from qeff_lab.precision.profile import RangeProfile
     from qeff_lab.runtime.generation import GenerationResult
     from qeff_lab.transforms.kv_cache import SwapResult
@@ -29,7 +31,7 @@ def _register() -> None:
         (SwapResult, render_transform),
         (CompileResult, render_compile_result), (GenerationResult, render_generation),
         (PrecisionReport, render_report), (Findings, render_findings), (RangeProfile, render_profile),
-        (LadderReport, render_ladder),
+        (LadderReport, render_ladder), (IslandSearch, render_islands),
     ]:
         register_view(cls, "html", render)
     STEP_SUMMARIES["LadderReport"] = ladder_summary

@@ -163,7 +163,9 @@ class Dashboard(StaticFallback, widgets.VBox):
             grid_template_columns="150px 80px 70px 1fr", grid_gap="2px 8px", align_items="center"))
         self.table.add_class("qeff-dashboard-steps")
         self.progress = widgets.FloatProgress(min=0.0, max=1.0, value=0.0, bar_style="info",
-                                              layout=widgets.Layout(width="100%", visibility="hidden"))
+                                              # no margin: 100% plus the widgets' 2 px each side overflowed the
+                                              # output area by 4 px (a sideways scrollbar under the dashboard)
+                                              layout=widgets.Layout(width="100%", margin="0", visibility="hidden"))
         self.detail = widgets.VBox()
         self.detail.add_class("qeff-dashboard-detail")
         self._ticker: threading.Thread | None = None

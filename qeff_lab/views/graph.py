@@ -167,15 +167,22 @@ def io_summary_frame(report: GraphReport) -> pd.DataFrame:
             [["kind", "count", "name", "dtype", "shape"]])
 
 
+# Short columns kept on one line: in the narrow side panel every other cell may break anywhere, and these broke
+# inside their words ("inpu" / "t", "floa" / "t32", "cou" / "nt").
+IO_NOWRAP = ("kind", "count", "dtype")
+OP_NOWRAP = ("before passes", "after passes", "change")
+
+
 def io_table_html(report: GraphReport, full_lists: bool = True) -> str:
     """The inputs and outputs, numbered ones folded (the full list one click away when folding helped)."""
     full = report.io_frame()
     folded = io_summary_frame(report)
     if len(folded) == len(full):
-        return html_table(full, caption="inputs and outputs", max_rows=len(full))
+        return html_table(full, caption="inputs and outputs", max_rows=len(full), nowrap=IO_NOWRAP)
     return (html_table(folded, caption=f"inputs and outputs ({len(full)} tensors; numbered names folded)",
-                       css_class="qeff-summary")
-            + (details_html(f"all {len(full)} inputs and outputs", html_table(full, max_rows=len(full)))
+                       css_class="qeff-summary", nowrap=IO_NOWRAP)
+            + (details_html(f"all {len(full)} inputs and outputs",
+                            html_table(full, max_rows=len(full), nowrap=IO_NOWRAP))
                if full_lists else ""))
 
 
@@ -191,12 +198,13 @@ def op_table_html(report: GraphReport, max_rows: int = 12, full_lists: bool = Tr
                 "storage, not ops)</div>" % COLORS["muted"])
     caption = "op counts before / after the ONNX passes"
     if len(frame) <= max_rows:
-        return html_table(frame, caption=caption, max_rows=len(frame)) + note
+        return html_table(frame, caption=caption, max_rows=len(frame), nowrap=OP_NOWRAP) + note
     custom = frame[frame["op"].str.contains("::")]
     top = pd.concat([frame.head(max_rows), custom]).drop_duplicates("op")
     return (html_table(top, caption=f"{caption}: the {max_rows} most frequent and the custom ops "
-                                    f"(of {len(frame)} op types)", max_rows=len(top))
-            + (details_html(f"all {len(frame)} op types", html_table(frame, max_rows=len(frame))) if full_lists else "")
+                                    f"(of {len(frame)} op types)", max_rows=len(top), nowrap=OP_NOWRAP)
+            + (details_html(f"all {len(frame)} op types", html_table(frame, max_rows=len(frame), nowrap=OP_NOWRAP))
+               if full_lists else "")
             + note)
 
 
@@ -216,7 +224,8 @@ def graph_tables_html(report: GraphReport, full_lists: bool = True) -> str:
 
 # The side panel: narrow, so its tables wrap long names instead of widening the box; it scrolls vertically.
 SIDE_STYLE = ("<style>.qeff-graph-tables table{max-width:100%;table-layout:auto}"
-              ".qeff-graph-tables td,.qeff-graph-tables th{overflow-wrap:anywhere;font-size:11px}</style>")
+              ".qeff-graph-tables td,.qeff-graph-tables th{overflow-wrap:anywhere;font-size:11px;line-height:1.35}"
+              ".qeff-graph-tables th{overflow-wrap:normal}</style>")  # headers break between words only
 NETRON_CONSENT = ("netron may first show a cookie notice over the graph (it asks once per browser): "
                   "accept it to see the graph.")
 

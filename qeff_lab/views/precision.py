@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from qeff_lab.views.tables import COLORS, findings_html, html_table
+from qeff_lab.views.tables import COLORS, SUMMARY_ABOVE, details_html, findings_html, html_table
 
 SEVERITY_COLORS = {"error": COLORS["overflow"], "warning": COLORS["underflow"], "info": "#757575"}
 
@@ -74,7 +74,9 @@ def render_ladder(ladder, timings: bool = False) -> str:
     if timings and "seconds" in ladder.summary:
         df.insert(len(df.columns) - 1 if "note" in df.columns else len(df.columns), "seconds",
                   [f"{v:.2f}" for v in ladder.summary["seconds"]])
-    out = html_table(df, caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}", css_class="qeff-ladder")
+    df.columns = [c.replace("_", " ") for c in df.columns]  # headers that wrap: the table fits the output area
+    out = html_table(df, caption=f"accuracy ladder ({ladder.kind}) vs {ladder.reference}", css_class="qeff-ladder",
+                     nowrap=tuple(c for c in df.columns if c not in ("rung", "note")))  # the values on one line
     texts = ladder_texts(ladder)
     if texts is not None:
         out += html_table(texts, caption=f"what each rung generated (greedy, {ladder.generation_len} new tokens)",
@@ -82,6 +84,18 @@ def render_ladder(ladder, timings: bool = False) -> str:
     if ladder.notes:
         out += f"<div style='font-size:11px;color:{COLORS['muted']}'>{html.escape('; '.join(ladder.notes))}</div>"
     return out
+
+
+def render_islands(search) -> str:
+    """An fp32 island search: its one-line summary, every step of the search, then the modules kept in fp32 with
+    why, folded under a one-line summary when there are more than a screen's worth."""
+    steps = search.steps.copy()
+    steps["value"] = steps["value"].map(_fmt)
+    islands = html_table(search.to_frame(), max_rows=len(search.islands), css_class="qeff-islands")
+    if len(search.islands) > SUMMARY_ABOVE:
+        islands = details_html(f"the {len(search.islands)} modules kept in fp32, each with why", islands)
+    return (f"<div><b>fp32 islands</b>: {html.escape(search.summary())}</div>"
+            + html_table(steps, caption="the search, one emulated run a step", max_rows=len(steps)) + islands)
 
 
 def ladder_texts(ladder) -> pd.DataFrame | None:
@@ -105,7 +119,8 @@ def ladder_summary(ladder) -> str:
     return f"{len(s)} rungs vs {ladder.reference}, top-1 agreement (teacher-forced): " + ", ".join(parts)
 
 
-HEATMAP_WIDTH_IN = 10.0  # inches at 100 dpi: 1000 px, the width of a notebook's output area, so nothing is scaled down
+FIGURE_WIDTH_IN = 10.0  # inches at 100 dpi: 1000 px, the width of a notebook's output area, so nothing is scaled down
+HEATMAP_WIDTH_IN = FIGURE_WIDTH_IN
 HEATMAP_LABEL_PT = 9  # every label's size: 12.5 px at 100 dpi, readable at 100% zoom
 FLUSH_SHOWN_FROM = 1e-4  # sites where at least this share of values flushes to zero get a bar
 
@@ -231,7 +246,7 @@ def ladder_figure(ladder):
     s = ladder.summary
     names = list(s["rung"])
     if ladder.kind == "encoder":
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig, axes = plt.subplots(1, 2, figsize=(FIGURE_WIDTH_IN, 3.6))
         axes[0].bar(names, s["min_cosine"], color=COLORS["reused"])
         _bar_labels(axes[0], s["min_cosine"], lambda v: f"{v:.4f}")
         axes[0].set_title("min cosine vs HF fp32")
@@ -239,7 +254,7 @@ def ladder_figure(ladder):
         _bar_labels(axes[1], s["max_abs_diff"], lambda v: f"{v:.2g}")
         axes[1].set_title("max abs difference")
     else:
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
+        fig, axes = plt.subplots(1, 3, figsize=(FIGURE_WIDTH_IN, 3.8))
         top1 = s["top1_agreement"].astype(float)
         colors = [COLORS["done"] if v >= 0.95 else COLORS["underflow"] if v >= 0.5 else COLORS["overflow"]
                   for v in top1]

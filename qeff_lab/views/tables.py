@@ -20,12 +20,15 @@ TABLE_STYLE = ("border-collapse:collapse;font-family:ui-monospace,monospace;font
 CELL_STYLE = "border:1px solid #ddd;padding:2px 6px;text-align:left;vertical-align:top"
 
 
-def html_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 60, css_class: str | None = None) -> str:
-    """A DataFrame as a small, consistently styled HTML table (long tables are cut with a note)."""
+def html_table(df: pd.DataFrame, caption: str | None = None, max_rows: int = 60, css_class: str | None = None,
+               nowrap: tuple[str, ...] = ()) -> str:
+    """A DataFrame as a small, consistently styled HTML table (long tables are cut with a note). Cells of the
+    `nowrap` columns stay on one line (numbers such as "<1e-06" would otherwise break at their hyphen)."""
     shown = df.head(max_rows)
     head = "".join(f"<th style='{CELL_STYLE};background:#f5f5f5'>{html.escape(str(c))}</th>" for c in shown.columns)
+    styles = [CELL_STYLE + (";white-space:nowrap" if c in nowrap else "") for c in shown.columns]
     rows = "".join(
-        "<tr>" + "".join(f"<td style='{CELL_STYLE}'>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+        "<tr>" + "".join(f"<td style='{st}'>{html.escape(str(v))}</td>" for st, v in zip(styles, row)) + "</tr>"
         for row in shown.itertuples(index=False)
     )
     cap = f"<caption style='text-align:left;font-weight:bold'>{html.escape(caption)}</caption>" if caption else ""
@@ -141,7 +144,8 @@ def render_step(report) -> str:
 
 
 def steps_frame(model) -> pd.DataFrame:
-    return pd.DataFrame([{"step": r.step, "status": r.status, "time": f"{r.seconds:.2f} s", "summary": r.summary}
+    # a no-break space: "0.53 s" stays on one line in the narrow time column (it wrapped to "0.53" / "s")
+    return pd.DataFrame([{"step": r.step, "status": r.status, "time": f"{r.seconds:.2f}\u00a0s", "summary": r.summary}
                          for r in model.steps.values()], columns=["step", "status", "time", "summary"])
 
 

@@ -9,9 +9,10 @@ import torch  # noqa: E402
 
 from qeff_lab.accuracy.ladder import SUMMARY_COLUMNS, LadderReport  # noqa: E402
 from qeff_lab.precision import RangeProfiler, find_issues  # noqa: E402
-from qeff_lab.views.precision import (HEATMAP_LABEL_PT, HEATMAP_WIDTH_IN, heatmap_figure, heatmap_pair_figure,  # noqa: E402
-                                      ladder_figure, profile_heatmap, render_findings, render_ladder,
-                                      render_profile)
+from qeff_lab.precision.islands import IslandSearch  # noqa: E402
+from qeff_lab.views.precision import (FIGURE_WIDTH_IN, HEATMAP_LABEL_PT, HEATMAP_WIDTH_IN, heatmap_figure,  # noqa: E402
+                                      heatmap_pair_figure, ladder_figure, profile_heatmap, render_findings,
+                                      render_ladder, render_profile)
 
 from tests.precision.test_profile import Net  # noqa: E402
 
@@ -79,6 +80,9 @@ def test_ladder_table_and_plot():
     html = render_ladder(ladder)
     assert "fp16 (no fixes)" in html and "seconds" not in html and "inf" in html
     assert "seconds" in render_ladder(ladder, timings=True)
+    # headers in words, so they wrap and the eleven columns fit a notebook's output area (snake_case did not)
+    assert "<th" in html and "max abs logit diff" in html and "max_abs_logit_diff" not in html
+    assert "white-space:nowrap'>&lt;1e-03</td>" in html  # and the values on one line ("<1e-" / "06" read badly)
     # the text form is the same on every CPU: noise below its tolerance, 2 significant digits otherwise
     table = ladder.table().set_index("rung")
     assert table.loc["HF fp32", "max_abs_logit_diff"] == "<1e-03" and "4.315e-05" not in html
@@ -87,7 +91,28 @@ def test_ladder_table_and_plot():
     assert table.loc["fp16 (no fixes)", "margin_at_divergence"] == "0.12" and "seconds" not in table.columns
     fig = ladder_figure(ladder)
     top1, kl, ppl = fig.axes
+    assert fig.get_size_inches()[0] == FIGURE_WIDTH_IN  # ~1000 px at 100 dpi: shown at its own size, not scaled down
     assert [t.get_text() for t in top1.get_xticklabels()] == ["HF fp32", "fp16 (no fixes)"]
     assert "top-1 agreement" in top1.get_title() and kl.get_yscale() == "log" and ppl.get_yscale() == "log"
     assert [t.get_text() for t in top1.texts] == ["100%", "0%"]  # each bar labelled with its value
     assert "inf" in [t.get_text() for t in ppl.texts]
+
+
+def _islands(n: int) -> IslandSearch:
+    islands = [f"model.layers.{i}.input_layernorm" for i in range(n)]
+    steps = pd.DataFrame([{"step": 0, "phase": "baseline", "units_fp32": 0, "value": 0.05, "meets_target": False,
+                           "note": "nothing in fp32"},
+                          {"step": 1, "phase": "baseline", "units_fp32": n, "value": 1.0, "meets_target": True,
+                           "note": "every module in fp32"}])
+    return IslandSearch(islands, {m: f"fp32 island: {m}: pow reaches |x| 6.2e+08" for m in islands}, steps,
+                        "token_match", 1.0, None, True, 1.0, 0.05, n)
+
+
+def test_island_search_html_folds_a_long_list_of_islands():
+    many = _islands(53)._repr_html_()  # SmolLM2's search keeps 53 norms: ~1900 px of rows when shown flat
+    assert "fp32 islands</b>: fp16, token_match target 1: 53 of 53 modules in fp32" in many
+    assert "nothing in fp32" in many and "0.05" in many  # the steps, shown
+    assert many.index("<details") < many.index("model.layers.52.input_layernorm")  # the islands, one click away
+    assert "the 53 modules kept in fp32" in many and many.count("fp32 island: model.layers.") == 53
+    few = _islands(3)._repr_html_()
+    assert "<details" not in few and few.count("fp32 island: model.layers.") == 3

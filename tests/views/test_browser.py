@@ -8,146 +8,26 @@ Playwright, the real SmolLM2 model. Screenshots go to test-artifacts/ for a pers
 from __future__ import annotations
 
 import re
-import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-TOUR = ROOT / "notebooks" / "00_tour.ipynb"
-# The stored notebooks of this area, opened as saved (executed by nbconvert, untrusted in this JupyterLab).
-STORED = ["00_tour", "01_embeddings_quickstart", "03_precision_and_overflow", "04_compile_and_run"]
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# A closed network: no background connections, no updates, no sync (JUPYTER.md).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+from tests.views.conftest import (ARTIFACTS, HEATMAPS, MIN_LABEL_PX, TOUR, VIEWPORT, cell_index, notebook_url,
+                                  reading_problems, rendered_label_px, run_all, show_cell, show_whole_notebook)
+
 RUN_ALL_TIMEOUT_S = 420  # the tour now runs the accuracy ladder too (compare)
-
-from playwright import sync_api as playwright_api  # noqa: E402  (pinned in requirements.lock; never `playwright install`)
-if not Path(CHROMIUM).exists():
-    pytest.fail(f"Chromium not found at {CHROMIUM}: `make setup` installs the Debian package (apt-get install chromium).",
-                pytrace=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_copy(src: Path, dest: Path) -> None:
-    """The tour without its stored outputs, so that whatever renders was produced by this run."""
-    nb = json.loads(src.read_text())
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            cell["outputs"], cell["execution_count"] = [], None
-    nb["metadata"].pop("widgets", None)
-    dest.write_text(json.dumps(nb))
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """JupyterLab on a free loopback port, rooted in a temporary folder holding a clean copy of the tour."""
-    root = tmp_path_factory.mktemp("lab")
-    clean_copy(TOUR, root / TOUR.name)
-    stored = root / "stored"
-    stored.mkdir()
-    for name in STORED:  # as saved, outputs and all
-        shutil.copy(ROOT / "notebooks" / f"{name}.ipynb", stored / f"{name}.ipynb")
-    tmp = root / "tmp"
-    tmp.mkdir()
-    port = free_port()
-    env = {**os.environ, "TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
-           # The kernel believes it is behind a hub: netron's frame is then served through jupyter-server-proxy.
-           "JUPYTERHUB_SERVICE_PREFIX": "/"}
-    env.pop("QEFF_LAB_CACHE", None)  # the tour uses the user's artifact cache, as `make test`'s nbval run does
-    # No "get Jupyter news?" prompt over the page (it would also try the network).
-    settings = root / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false", "checkForUpdates": false}')
-    env["JUPYTERLAB_SETTINGS_DIR"] = str(root / "settings")
-    log = open(root / "lab.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--allow-root", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         "--ServerApp.port_retries=0", "--IdentityProvider.token=", "--ServerApp.password=",
-         "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-         "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/api/status", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"JupyterLab did not start:\n{(root / 'lab.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield {"url": url, "root": root, "tmp": tmp, "port": port}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
-
-
-KERNEL_STATUS = """() => {
-  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-  return k ? k.status : null;
-}"""
-PROMPTS = """() => Array.from(document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')).map(e => e.textContent.trim())"""
-ERRORS = """() => Array.from(document.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"], .jp-RenderedText[data-mime-type="application/vnd.jupyter.error"]')).map(e => e.textContent.slice(0, 2000))"""
-
-
-def run_tour(page, lab) -> None:
-    page.goto(f"{lab['url']}/lab/tree/{TOUR.name}", wait_until="domcontentloaded", timeout=90_000)
-    page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=90_000)
-    page.wait_for_function(f"({KERNEL_STATUS})() === 'idle'", timeout=90_000)
-    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    deadline = time.time() + RUN_ALL_TIMEOUT_S
-    while True:  # done when every code cell shows its execution count and the kernel is idle again
-        prompts = page.evaluate(PROMPTS)
-        if prompts and all(p.startswith("[") and p[1:-2].strip().isdigit() for p in prompts) \
-                and page.evaluate(KERNEL_STATUS) == "idle":
-            break
-        errors = page.evaluate(ERRORS)
-        assert not [e for e in errors if "Traceback" in e or "Error" in e], errors
-        assert time.time() < deadline, f"run-all did not finish in {RUN_ALL_TIMEOUT_S}s; prompts: {prompts}"
-        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
 def tour_page(lab, browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport=VIEWPORT)
     # netron asks for cookie consent once per browser; a person clicks it away, the test sets the cookie netron sets.
     context.add_cookies([{"name": "consent", "value": str(int(time.time() * 1000)), "domain": "127.0.0.1",
                           "path": "/"}])
     page = context.new_page()
     for attempt in (1, 2):  # one retry: a cold start of Lab + kernel on a loaded machine can miss a deadline
         try:
-            run_tour(page, lab)
+            run_all(page, notebook_url(lab, TOUR.name, "tour"), RUN_ALL_TIMEOUT_S)
             break
         except Exception:
             if attempt == 2:
@@ -249,7 +129,7 @@ def test_graph_view_side_panel_stays_in_its_box(tour_page):
     assert fit["scroll"] <= fit["client"] + 1, fit  # nothing wider than the panel: no cut columns
     assert fit["right"] <= fit["viewRight"] + 1, fit  # the panel inside the view
     # summaries only (full lists in the static copy); no row taller than ~5 lines of its 11 px text (the bug was
-    # rows hundreds of px tall; SmolLM2's folded I/O rows wrap their shapes to 4 lines, 61 px, in the 40% panel)
+    # rows hundreds of px tall; SmolLM2's folded I/O rows wrap names and shapes to 3 lines, ~50 px, in the 40% panel)
     assert 5 < fit["rows"] < 60 and fit["tallest"] < 80, fit
 
 
@@ -278,8 +158,21 @@ def test_static_report_opens_offline_with_tables_and_plots(tour_page, lab, brows
     context.close()
 
 
+def test_tour_reads_well_after_run_all(tour_page):
+    """The whole tour as a person sees it after Run All (the dashboard as the tests above left it); last of the tour's
+    tests: the window grows to the notebook's height for the screenshot."""
+    page = tour_page
+    height = show_whole_notebook(page)
+    try:
+        page.screenshot(path=str(ARTIFACTS / "nb-00_tour.png"))
+        problems = reading_problems(page)
+        assert not problems, f"tour after Run All (test-artifacts/nb-00_tour.png, {height} px):\n" + "\n".join(problems)
+    finally:
+        page.set_viewport_size(VIEWPORT)
+
+
 def open_stored(page, lab, name: str) -> None:
-    page.goto(f"{lab['url']}/lab/tree/stored/{name}.ipynb", wait_until="domcontentloaded", timeout=90_000)
+    page.goto(notebook_url(lab, f"stored/{name}.ipynb", "stored"), wait_until="domcontentloaded", timeout=90_000)
     # the first rendered output (a widget output may sit hidden while "Loading widget..." when the tour kernel is gone)
     page.wait_for_selector(".jp-Notebook .jp-CodeCell .jp-OutputArea-output >> visible=true", timeout=90_000)
     page.wait_for_timeout(1500)  # outputs (images included) finish rendering
@@ -287,24 +180,10 @@ def open_stored(page, lab, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def stored_page(lab, browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     yield page
     context.close()
-
-
-def cell_index(name: str, needle: str) -> int:
-    cells = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"]
-    return next(i for i, c in enumerate(cells) if needle in "".join(c["source"]))
-
-
-def show_cell(page, index: int):
-    """Scroll JupyterLab's (windowed) notebook to cell `index` and return that cell once it is drawn."""
-    page.evaluate("i => window.jupyterapp.shell.currentWidget.content.scrollToItem(i, 'start')", index)
-    cell = page.locator(f".jp-NotebookPanel:visible .jp-Cell[data-windowed-list-index='{index}']")
-    cell.wait_for(timeout=15_000)
-    page.wait_for_timeout(500)
-    return cell
 
 
 def test_stored_tour_shows_the_dashboard_before_running(stored_page, lab):
@@ -324,3 +203,15 @@ def test_stored_tour_shows_the_dashboard_before_running(stored_page, lab):
     graph = show_cell(page, cell_index("00_tour", "graph = graph_view(")).locator(".qeff-static")
     assert graph.count() == 1 and "op counts before / after the ONNX passes" in graph.inner_text()
     assert "Error displaying widget" not in page.locator(".jp-NotebookPanel:visible").inner_text()
+
+
+def test_stored_precision_heatmaps_show_labels_at_a_readable_size(stored_page, lab):
+    """Notebook 03 as saved: each heatmap is shown at (about) its own pixels, so its 9 pt labels stay ~12 px tall."""
+    page = stored_page
+    name = "03_precision_and_overflow"
+    open_stored(page, lab, name)
+    for needle, label_pt in HEATMAPS.items():
+        img = show_cell(page, cell_index(name, needle)).locator(".jp-OutputArea-output img")
+        assert img.count() == 1, f"no plot under the cell `{needle}`"
+        size = rendered_label_px(page, img, label_pt)
+        assert size["px"] >= MIN_LABEL_PX, f"`{needle}`: labels {size['px']:.1f} px tall on screen, {size}"

@@ -1,5 +1,6 @@
 """Graph view: op counts and I/O read from a real export, a real netron server started and stopped, the widget."""
 import logging
+import re
 import socket
 import urllib.error
 import urllib.request
@@ -138,6 +139,13 @@ def test_side_panel_folds_numbered_names_and_long_lists(compiled_tiny):
     head = page[:page.index("<details")]
     assert "ExternalData: 20 initializer(s): inline -&gt; external (model.onnx.data), 45.0 MiB" in head
     assert "w.7" not in head and "w.7" in page  # the full list one click away
+    # in the narrow panel long names and shapes may break anywhere, the short columns not at all ("inpu" / "t")
+    from qeff_lab.views.graph import io_table_html, op_table_html
+
+    io, ops = io_table_html(report), op_table_html(report)
+    assert re.search(r"white-space:nowrap'>input</td>", io) and re.search(r"white-space:nowrap'>int64</td>", io)
+    assert not re.search(r"white-space:nowrap'>input_ids</td>", io)
+    assert re.search(r"white-space:nowrap'>-?\d+</td>", ops)
 
 
 def test_stop_all_ends_every_server(compiled_tiny):

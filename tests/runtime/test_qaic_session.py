@@ -141,7 +141,7 @@ def test_default_choice_skips_cards_not_ready_or_busy():
 
 
 # ----------------------------------------------------------------------------- end to end on the qaicrt double
-from tests.qaicrt_double.fixtures import qaic_device, qaicrt_double  # noqa: E402,F401
+# fixtures qaic_device and qaicrt_double: tests/runtime/conftest.py
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ matrix: setup  # every decoder / encoder type of the installed transformers: HF 
 	$(PY) -m qeff_lab.cli support-matrix --output docs/support_matrix.md
 
 bench: setup
+	$(PY) -m pip install -q "onnxruntime-genai==0.18.0"  # bench_causal_lm's optional peer (the `bench` extra)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-cache:

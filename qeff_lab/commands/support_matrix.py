@@ -98,7 +98,7 @@ def shrink_overrides(defaults: dict, default_layers: int | None) -> dict:
             out[key] = VOCAB - 1 - len([k for k in out if k.endswith(("_token_id", "_token_index"))]) % 16
         elif key == "first_k_dense_replace" and _int(value) and value > 1:
             out[key] = 1  # layer 0 dense, layer 1 MoE
-        elif key == "initializer_range" and isinstance(value, float):
+        elif key in ("initializer_range", "init_std") and isinstance(value, float):
             out[key] = 0.1  # livelier logits than 0.02: fewer near-ties in the greedy comparison
         elif (default_layers and isinstance(value, (list, str)) and len(value) == default_layers
               and key not in ("architectures",) and default_layers > LAYERS

@@ -159,6 +159,12 @@ def test_sliding_window_is_applied_beyond_the_window():
 @pytest.mark.parametrize("build, expected", [
     (lambda: tf.MambaForCausalLM(tf.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=4)),
      r"^mamba: MambaMixer .*recurrent state.*transformers. own generate"),
+    (lambda: tf.RwkvForCausalLM(tf.RwkvConfig(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB,
+                                              attention_hidden_size=32, intermediate_size=64, context_length=64)),
+     r"^rwkv: RwkvForCausalLM.forward takes a `state` in place of a cache, a state-space / recurrent state"),
+    (lambda: tf.xLSTMForCausalLM(tf.xLSTMConfig(hidden_size=32, embedding_dim=32, num_hidden_layers=2, num_blocks=2,
+                                                num_heads=2, vocab_size=VOCAB)),
+     r"^xlstm: xLSTMCache \(not a transformers Cache\) holds its state, a state-space / recurrent state"),
     (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=VOCAB)),
      r"^t5: encoder-decoder"),
     (lambda: tf.BertGenerationDecoder(tf.BertGenerationConfig(**{**COMMON, "is_decoder": False})),

@@ -136,6 +136,7 @@ def test_zero_router_is_drawn_at_random_and_nothing_else_changes():
     ("mistral", "pass", ""),  # window 6 over ctx_len 48 on the family blocks
     ("bert-generation", "unsupported", "is_decoder=False makes its attention bidirectional"),
     ("dbrx", "pass", ""),  # CONFIG_TWEAKS (checkpoint-style attn_config); experts run densely (named override)
+    ("dory", "pass", ""),  # CONFIG_TWEAKS (one layer per stage); the looped layer's per-loop cache layer kept
     ("dots1", "pass", ""),  # n_shared_experts / n_routed_experts / num_experts_per_tok None by default: given tiny values
     ("gemma3n_text", "pass", ""),  # KV-shared layers: 2 producer layers (both kinds) and one consumer on top
     ("blt", "skipped", "composite of several stacks (patcher_config, encoder_config, decoder_config, global_config)"),

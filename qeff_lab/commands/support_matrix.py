@@ -49,7 +49,7 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads",
                      "swa_num_attention_heads"), HEADS),
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
-                     "num_query_groups", "swa_num_key_value_heads"), KV_HEADS),
+                     "num_query_groups", "swa_num_key_value_heads", "kv_n_heads"), KV_HEADS),
     **dict.fromkeys(("head_dim", "attention_head_dim", "swa_head_dim", "d_head", "dim_head", "kv_channels",
                      "attention_head_size", "index_head_dim", "qk_nope_head_dim", "v_head_dim"), HEAD_DIM),
     "qk_rope_head_dim": 8, "qk_head_dim": HEAD_DIM + 8, "kv_lora_rank": 16, "q_lora_rank": 32, "rotary_dim": 8,
@@ -60,14 +60,17 @@ SIZES: dict[str, int] = {
                      "shared_experts_intermediate_size", "moe_shared_expert_intermediate_size",
                      "expert_ffn_hidden_size", "expert_intermediate_size"), MOE_FFN),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k", "moe_top_k"), 2),
+    "n_shared_experts": 1,
     **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
-    "vocab_size": VOCAB, "mask_token_id": VOCAB - 1,
+    "vocab_size": VOCAB, "mask_token_id": VOCAB - 1, "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": HEAD_DIM,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length"), 256),
     **dict.fromkeys(("sliding_window", "sliding_window_size", "attention_chunk_size"), 6),
 }
 # None here is "not given" (the modeling code then fails or derives a default size): give it the tiny value
-SET_WHEN_NONE = {"vocab_size", "mask_token_id", "num_key_value_heads", "head_dim", "num_local_experts", "n_routed_experts", "num_experts_per_tok", "moe_k"}
+SET_WHEN_NONE = {"vocab_size", "mask_token_id", "num_key_value_heads", "head_dim", "num_local_experts", "n_routed_experts",
+                 "num_experts_per_tok", "moe_k", "n_shared_experts"}
 SPECIAL_TOKENS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 MULTIMODAL_SUBCONFIGS = ("text_config", "vision_config", "audio_config", "vq_config", "speech_config",
                          "audio_encoder_config", "depth_decoder_config", "vision_tower_config")
@@ -117,9 +120,29 @@ def shrink_overrides(defaults: dict, default_layers: int | None) -> dict:
     for kv in ("num_key_value_heads", "num_kv_heads", "n_kv_heads"):
         if heads and kv in out and defaults.get(kv) == defaults[heads]:
             out[kv] = HEADS  # multi-head by default: stays so (some validators insist)
+    shared = defaults.get("num_kv_shared_layers")
+    if _int(shared) and 0 < shared and default_layers and default_layers > LAYERS + 1:
+        # layers that reuse an earlier layer's KV cache (gemma3n) need a producer of each kind below them: the two
+        # layers keep every kind and one consumer layer (of the last layer's kind) goes on top
+        out["num_hidden_layers"], out["num_kv_shared_layers"] = LAYERS + 1, 1
+        for key, value in list(out.items()):
+            if isinstance(value, (list, str)) and len(value) == LAYERS and len(defaults[key]) == default_layers:
+                out[key] = value + (value[-1:] if key in SIZES else defaults[key][-1:])
     if _int(defaults.get("expand")) and _int(defaults.get("num_heads")) and _int(defaults.get("head_dim")):
         out["num_heads"] = HIDDEN * defaults["expand"] // HEAD_DIM  # mamba2: hidden * expand == heads * head_dim
     return out
+
+
+# What the generic rules above cannot derive, by model type: overrides applied last (a dict merges into a sub-config)
+CONFIG_TWEAKS: dict[str, tuple[dict, str]] = {
+    "dbrx": ({"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+             "DbrxAttention reads attn_config.rope_theta (undeclared) and clamps by clip_qkv (None by default, "
+             "which torch.clamp refuses); released checkpoints set both, as here"),
+    "dory": ({"num_hidden_layers": 3, "n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1,
+              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
+             "its input / recurrent (looped) / output stages must sum to num_hidden_layers, and to_dict() doubles "
+             "every layer count (attention and mlp listed as separate blocks): one layer per stage, both kinds"),
+}
 
 
 def tiny_config(model_type: str):
@@ -131,6 +154,9 @@ def tiny_config(model_type: str):
     layers = next((defaults[k] for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
                    if _int(defaults.get(k))), None)
     overrides = shrink_overrides(defaults, layers)
+    for key, value in CONFIG_TWEAKS.get(model_type, ({}, ""))[0].items():
+        base = overrides.get(key, defaults.get(key))
+        overrides[key] = {**base, **value} if isinstance(value, dict) and isinstance(base, dict) else value
     try:
         return config_cls(**overrides)
     except Exception as first:
@@ -150,7 +176,8 @@ def tiny_config(model_type: str):
 
 
 def composite_reason(config_cls) -> str | None:
-    """Why a config is not a plain decoder-only / encoder config (encoder-decoder, multimodal), else None."""
+    """Why a config is not a plain decoder-only / encoder config (multimodal, or stacks in sub-configs only, e.g.
+    blt's patcher / local encoder / global / local decoder), else None."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     subs = getattr(config_cls, "sub_configs", None) or {}
@@ -161,6 +188,14 @@ def composite_reason(config_cls) -> str | None:
         also = (f"; its text model {text_type!r} has its own row" if text_type and text_type != config_cls.model_type
                 and text_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "")
         return f"multimodal / composite config ({', '.join(mm)}): not a text-only model{also}"
+    if subs:
+        try:
+            config = config_cls()
+        except Exception:
+            return None
+        if not any(_int(getattr(config, k, None)) for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers")):
+            return (f"composite of several stacks ({', '.join(subs)}) with no layer count of its own: not one "
+                    "decoder-only stack with a KV cache per layer")
     return None
 
 

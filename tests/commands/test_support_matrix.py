@@ -135,10 +135,38 @@ def test_zero_router_is_drawn_at_random_and_nothing_else_changes():
     ("jetmoe", "pass", ""),  # dense MoE / mixture-of-attention override: no frozen split sizes in the graph
     ("mistral", "pass", ""),  # window 6 over ctx_len 48 on the family blocks
     ("bert-generation", "unsupported", "is_decoder=False makes its attention bidirectional"),
+    ("dbrx", "pass", ""),  # CONFIG_TWEAKS (checkpoint-style attn_config); experts run densely (named override)
+    ("dory", "pass", ""),  # CONFIG_TWEAKS (one layer per stage); the looped layer's per-loop cache layer kept
+    ("dots1", "pass", ""),  # n_shared_experts / n_routed_experts / num_experts_per_tok None by default: given tiny values
+    ("gemma3n_text", "pass", ""),  # KV-shared layers: 2 producer layers (both kinds) and one consumer on top
+    ("blt", "skipped", "composite of several stacks (patcher_config, encoder_config, decoder_config, global_config)"),
+    ("rwkv", "unsupported", "RwkvForCausalLM.forward takes a `state` in place of a cache, a state-space / recurrent"),
+    ("xlstm", "unsupported", "xLSTMCache (not a transformers Cache) holds its state, a state-space / recurrent"),
 ])
 def test_rows_of_types_once_failing(model_type, status, reason):
     row = sm.check_type(model_type)
     assert row.status == status and reason in row.reason, row
+
+
+def test_tiny_configs_keep_the_layouts_their_models_need_and_the_hf_reference_runs():
+    """Types whose default config the generic rules shrank into something HF itself could not build or run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gemma3n = sm.tiny_config("gemma3n_text")  # KV sharing kept: a producer of each kind, then one consumer layer
+    assert (gemma3n.num_hidden_layers, gemma3n.num_kv_shared_layers) == (3, 1)
+    assert gemma3n.kv_sharing_modes == ["store", "store", "reuse"] and len(gemma3n.intermediate_size) == 3
+    dory = sm.tiny_config("dory")  # one layer per stage (input, looped recurrent, output)
+    assert (dory.n_input_layers, dory.n_recurrent_layers, dory.n_output_layers, dory.num_hidden_layers) == (1, 1, 1, 3)
+    assert set(dory.layer_types) == {"sliding_attention", "full_attention"}
+    dbrx = sm.tiny_config("dbrx")
+    assert dbrx.attn_config.rope_theta and dbrx.attn_config.clip_qkv and dbrx.ffn_config.moe_top_k == 2
+    assert sm.tiny_config("dots1").n_shared_experts == 1
+    for model_type in ("dbrx", "dots1", "gemma3n_text", "dory"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(sm.tiny_config(model_type), attn_implementation="eager").eval()
+        ids = sm._hf_greedy(model, sm.prompt_ids())
+        assert [len(x) for x in ids] == [sm.NEW_TOKENS] * 2, model_type
 
 
 def test_unknown_type_is_a_clear_error(capsys):

@@ -54,6 +54,11 @@ CASES = {
     # mixture of attention heads + MoE MLP with data-dependent split sizes: jetmoe.py's dense override
     "jetmoe": (tf.JetMoeConfig, tf.JetMoeForCausalLM,
                {**COMMON, "kv_channels": 16, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    # input / looped recurrent / output layers; the second loop writes cache layer 3, past the model's 3 layers
+    "dory": (tf.DoryConfig, tf.DoryForCausalLM,
+             {**COMMON, "head_dim": 16, "sliding_window": WINDOW, "num_hidden_layers": 3, "n_input_layers": 1,
+              "n_recurrent_layers": 1, "n_output_layers": 1, "n_recurrent_loops": 2,
+              "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
 }
 
 
@@ -127,6 +132,15 @@ def test_layouts_of_mqa_and_full_heads():
     assert generic_kv_transform(m := tiny("gpt_neox")) and m.kv_cache_layout() == [(4, 16), (4, 16)]
 
 
+def test_cache_layers_past_the_models_own_keep_their_buffers():
+    """dory's second loop of its recurrent layer writes its own cache layer (3, after the model's 3): the retained
+    cache has a buffer pair for it, so HF's copy-on-first-call (a deep copy, cut off from the graph inputs) never
+    runs. (Its ONNX Runtime tokens: tests/commands/test_support_matrix.py's dory row.)"""
+    model = tiny("dory")
+    generic_kv_transform(model)
+    assert len(model.kv_cache_layout()) == 4 and model._qeff_sliding == [True, False, True, False]
+
+
 def test_padding_writes_nothing_and_garbage_beyond_the_context_cannot_leak():
     model = tiny("llama")
     generic_kv_transform(model)
@@ -159,6 +173,12 @@ def test_sliding_window_is_applied_beyond_the_window():
 @pytest.mark.parametrize("build, expected", [
     (lambda: tf.MambaForCausalLM(tf.MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=4)),
      r"^mamba: MambaMixer .*recurrent state.*transformers. own generate"),
+    (lambda: tf.RwkvForCausalLM(tf.RwkvConfig(hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB,
+                                              attention_hidden_size=32, intermediate_size=64, context_length=64)),
+     r"^rwkv: RwkvForCausalLM.forward takes a `state` in place of a cache, a state-space / recurrent state"),
+    (lambda: tf.xLSTMForCausalLM(tf.xLSTMConfig(hidden_size=32, embedding_dim=32, num_hidden_layers=2, num_blocks=2,
+                                                num_heads=2, vocab_size=VOCAB)),
+     r"^xlstm: xLSTMCache \(not a transformers Cache\) holds its state, a state-space / recurrent state"),
     (lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=VOCAB)),
      r"^t5: encoder-decoder"),
     (lambda: tf.BertGenerationDecoder(tf.BertGenerationConfig(**{**COMMON, "is_decoder": False})),

@@ -3,7 +3,7 @@ interfaces cannot reach as they are. HF eager greedy tokens == retained-state Py
 exactly, for 16 new tokens on a right-padded batch of 2 prompts (5 and 13 tokens), on tiny random configs covering
 each model's variants: Falcon multi-query / multi-head + ALiBi / new decoder architecture, GPT-Neo local windows
 shorter than the sequence, Bloom and MPT ALiBi, Llama 4's complex rotary and NoPE temperature, OpenAI GPT (no HF
-KV cache at all), TrOCR (positions from the cache length)."""
+KV cache at all), TrOCR (positions from the cache length). DBRX's dense experts against its own expert loop."""
 import importlib
 import pkgutil
 
@@ -189,6 +189,29 @@ def test_every_override_file_is_registered_and_says_why_on_its_first_line():
         assert overrides.why(module).startswith(f"{model_type}: "), name
         reason = check_support(tf.CONFIG_MAPPING[model_type]()).reason  # the source checks an override answers
         assert "AttentionInterface" not in reason and "get_seq_length" not in reason, reason
+
+
+def test_dbrx_dense_experts_equal_its_expert_loop():
+    """Every expert on every token, weighed by the router's top-k weights: DBRX's own numbers on a batch where the
+    experts get different numbers of tokens (4 experts, top-2), swapped back by the undo."""
+    from transformers.models.dbrx import modeling_dbrx as hf_dbrx
+
+    from qeff_lab.transforms.generic.overrides.dbrx import DenseDbrxExperts
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config("dbrx"), attn_implementation="eager").eval()
+    ffn = model.transformer.blocks[0].ffn
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, picked = ffn.route_tokens_to_experts(ffn.router(x))
+        want = ffn(x)
+    assert len(set(torch.bincount(picked.flatten(), minlength=4).tolist())) > 1
+    generic_kv_transform(model)
+    assert type(ffn.experts) is DenseDbrxExperts
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), want, rtol=0, atol=1e-6)
+    undo_generic_kv_transform(model)
+    assert type(ffn.experts) is hf_dbrx.DbrxExperts
 
 
 @pytest.mark.parametrize("heads", [4, 12, 71])

@@ -122,6 +122,29 @@ def _recurrent_layers(config) -> str:
     return ", ".join(names[:2]) or "its recurrent layers"
 
 
+KV_CACHE_ARGS = ("cache", "past_key_values")
+
+
+def _own_recurrent_state(config) -> str:
+    """What carries the model's state between calls when it is no transformers `Cache` of keys and values: a
+    `state` argument of the causal-LM forward in place of a cache (rwkv), or a `...Cache` class of the modeling
+    file that is not a transformers Cache (xlstm's xLSTMCache). '' when neither."""
+    from transformers.cache_utils import Cache
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (KeyError, ValueError):
+        return ""
+    params = inspect.signature(model_cls.forward).parameters
+    if "state" in params and not any(a in params for a in KV_CACHE_ARGS):
+        return f"{model_cls.__name__}.forward takes a `state` in place of a cache"
+    module = inspect.getmodule(model_cls)
+    own = [name for name, obj in vars(module).items() if isinstance(obj, type) and obj.__module__ == module.__name__
+           and name.endswith("Cache") and not issubclass(obj, Cache)]
+    return f"{own[0]} (not a transformers Cache) holds its state" if own else ""
+
+
 def check_support(config_or_model) -> Support:
     """Whether `generic_kv_transform` can run this config / model exactly; if not, a one-line reason."""
     config = getattr(config_or_model, "config", config_or_model)
@@ -173,6 +196,9 @@ def check_support(config_or_model) -> Support:
         if "update_recurrent_state" in source or "update_conv_state" in source:
             return Support(False, f"{mt}: {_recurrent_layers(config)} keeps a recurrent / convolutional state "
                                   f"(cache.update_recurrent_state), not a KV cache; {UNSUPPORTED_TODO}.")
+        if "ALL_ATTENTION_FUNCTIONS" not in source and override_for(mt) is None and (own := _own_recurrent_state(config)):
+            return Support(False, f"{mt}: {own}, a state-space / recurrent state, not a [kv_heads, ctx_len, head_dim] "
+                                  f"KV cache; {UNSUPPORTED_TODO}.")
         if "ALL_ATTENTION_FUNCTIONS" not in source and override_for(mt) is None:
             return Support(False, f"{mt}: its attention does not dispatch through AttentionInterface "
                                   "(set_attn_implementation cannot reach it); needs a named override.")

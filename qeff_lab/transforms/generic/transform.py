@@ -86,7 +86,9 @@ def _retained_class(cls: type) -> type:
 def _sliding_layers(config, n: int) -> list[bool]:
     types = getattr(config, "layer_types", None)
     if types:
-        return [t != "full_attention" for t in types[:n]]
+        # cache layers past the model's own (dory's per-loop copies of its looped layers) too: each one needs its
+        # buffers (a shorter list would drop them from the cache); the model's mask applies any window
+        return [t != "full_attention" for t in types[:n]] + [False] * max(0, n - len(types))
     return [getattr(config, "sliding_window", None) is not None] * n
 
 

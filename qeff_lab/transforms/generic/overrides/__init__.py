@@ -13,7 +13,7 @@ Most are models whose attention does not dispatch through AttentionInterface (tr
   for a subclass: gpt_neo (a mask buffer sliced as if the queries were the last key slots), openai-gpt (no KV cache
   at all), llama4_text (complex rotary; positions from cache.get_seq_length()), trocr (positions from
   cache.get_seq_length(): the decoder has no position_ids), jetmoe (MoE routing with data-dependent split sizes,
-  run densely).
+  run densely), dbrx (experts loop over the experts hit, outside ExpertsInterface: run densely).
 support.py skips its source checks (AttentionInterface dispatch, positions from the cache length) for the types
 listed here; the transform's probe forward and the tests still run them. Each file's first line says why it exists;
 MLP, norms, rotary and ALiBi stay the model's own code wherever they can.
@@ -30,8 +30,8 @@ from qeff_lab.transforms.base import swap_modules, unswap_modules
 
 NAME = "GenericRetainedStateOverride"
 # model type -> file in this package
-OVERRIDES = {"bloom": "bloom", "falcon": "falcon", "gpt_neo": "gpt_neo", "gpt_neox_japanese": "gpt_neox_japanese",
-             "jetmoe": "jetmoe", "llama4_text": "llama4_text",
+OVERRIDES = {"bloom": "bloom", "dbrx": "dbrx", "falcon": "falcon", "gpt_neo": "gpt_neo",
+             "gpt_neox_japanese": "gpt_neox_japanese", "jetmoe": "jetmoe", "llama4_text": "llama4_text",
              "mpt": "mpt", "openai-gpt": "openai_gpt", "trocr": "trocr", "xglm": "xglm"}
 
 

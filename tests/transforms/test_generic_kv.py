@@ -135,7 +135,7 @@ def test_layouts_of_mqa_and_full_heads():
 def test_cache_layers_past_the_models_own_keep_their_buffers():
     """dory's second loop of its recurrent layer writes its own cache layer (3, after the model's 3): the retained
     cache has a buffer pair for it, so HF's copy-on-first-call (a deep copy, cut off from the graph inputs) never
-    runs. (Its ONNX Runtime tokens: tests/commands/test_support_matrix.py's dory row.)"""
+    runs. (Its ONNX Runtime tokens: test_onnx_export_runs_in_onnxruntime_with_hf_tokens.)"""
     model = tiny("dory")
     generic_kv_transform(model)
     assert len(model.kv_cache_layout()) == 4 and model._qeff_sliding == [True, False, True, False]
@@ -244,7 +244,9 @@ def test_jetmoe_dense_override_equals_its_grouped_experts():
 
 
 # ----------------------------------------------------------------------------- export: the same graph contract
-@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral", "apertus", "glm", "jetmoe"])
+# modernbert-decoder and dory: rotary modules taking a layer_type, one table per layer type
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_neox", "mixtral", "apertus", "glm", "jetmoe",
+                                        "modernbert-decoder", "dory"])
 def test_onnx_export_runs_in_onnxruntime_with_hf_tokens(model_type):
     import onnx
 

@@ -6,8 +6,10 @@ The graph that goes to the device is not touched; this graph is written next to 
 ONNX Runtime runs it (`qeff_lab.runtime.ort_gqa_session`). What changes at its interface:
 - one more input, `seqlens_k` [batch] int32: per row, the slot of the last token of this call (its position). The
   runner derives it from position_ids; GQA writes the call's K/V at slots seqlens_k - seq_len + 1 .. seqlens_k
-  and attends to slots 0 .. seqlens_k. The model's own rotary embedding is kept (do_rotary=0), so any rope
-  variant the exporter produced stays exact.
+  and attends to slots 0 .. seqlens_k. Where q and k are rotated as rotate_half does, by cos/sin tables gathered
+  at position_ids, the rotation moves into the op (do_rotary, cos/sin caches cut from those tables: any static
+  rope variant's scaling is already in them), and its position is the write slot, i.e. the same position; any
+  other rotary form stays outside the op as exported.
 - past_key.i / past_key.i_RetainedState must be bound to the same buffer (GQA's shared-buffer mode), so nothing
   copies the cache between steps.
 GQA needs contiguous positions per row (no -1 padding inside a call) and ORT's CPU kernel takes batch > 1 only
@@ -30,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, POSITION_IDS, RETAINED_SUFFIX
 
-REWRITE_VERSION = "gqa-1"  # part of the compile key: a change here makes a new compile folder
+REWRITE_VERSION = "gqa-2"  # part of the compile key: a change here makes a new compile folder
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
@@ -53,6 +55,7 @@ class OrtGraphPlan:
     nodes_before: int = 0
     nodes_after: int = 0
     max_logit_diff: float | None = None
+    rotary_layers: int = 0  # layers whose rotary embedding moved into the op (do_rotary)
     version: str = REWRITE_VERSION
 
     def to_json(self) -> dict:
@@ -99,9 +102,13 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def rewrite_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir: Path | None = None,
+                rotary: bool = True) -> tuple[onnx.ModelProto, int]:
     """The model with every layer's attention replaced by GroupQueryAttention (in place; returned with the number
-    of layers rewritten). Raises RewriteNotApplicable when the graph is not the pattern this replaces."""
+    of layers rewritten). Raises RewriteNotApplicable when the graph is not the pattern this replaces.
+    Where q and k are rotated by cos/sin tables (`_match_rope`), the rotation moves into the op (do_rotary) with
+    the tables' first ctx_len + 1 rows as its caches (`weights_dir`: where a table kept as external data lives);
+    `rotary=False` leaves every rotation outside the op."""
     g = model.graph
     inputs = {i.name: i for i in g.input}
     if BATCH_INDEX in inputs:
@@ -114,9 +121,15 @@ def rewrite_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     drop: set[int] = set()  # ids of nodes to remove
     new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []  # (insert before this node, nodes)
 
+    rope_caches: dict[tuple[str, str], tuple[str, str]] = {}  # (cos table, sin table) -> GQA's cos/sin caches
+
     def to_bsh(src: str, tag: str) -> tuple[str, list]:
-        """[B, N, S, D] -> [B, S, N*D]."""
-        t, r = f"{tag}/bsnd", f"{tag}/bsh"
+        """[B, N, S, D] -> [B, S, N*D]; a [B, S, N, D] tensor transposed into src is reshaped directly."""
+        r = f"{tag}/bsh"
+        node = producers.get(src)
+        if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 2, 1, 3]:
+            return r, [helper.make_node("Reshape", [node.input[0], "gqa/shape_bs_1"], [r], name=r)]
+        t = f"{tag}/bsnd"
         return r, [helper.make_node("Transpose", [src], [t], perm=[0, 2, 1, 3], name=t),
                    helper.make_node("Reshape", [t, "gqa/shape_bs_1"], [r], name=r)]
 
@@ -181,15 +194,24 @@ def rewrite_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if not isinstance(head_dim, int) or not isinstance(kv_heads, int) or hidden % head_dim:
             raise RewriteNotApplicable(f"layer {layer}: head sizes are not static ({kv_heads}, {head_dim}, {hidden})")
         tag = f"gqa/{layer}"
+        k = scatters[past_key].input[2]
+        q_rope, k_rope = (_match_rope(q, producers), _match_rope(k, producers)) if rotary else (None, None)
+        caches = []  # GQA's cos_cache / sin_cache inputs when the rotation moves into the op
+        if q_rope is not None and k_rope is not None and q_rope[1:] == k_rope[1:]:
+            tables = q_rope[1:]
+            if tables not in rope_caches:
+                rope_caches[tables] = _rope_caches(g, tables, head_dim, ctx_len, weights_dir, producers)
+            if rope_caches[tables] is not None:
+                (q, k), caches = (q_rope[0], k_rope[0]), list(rope_caches[tables])
         q_bsh, q_nodes = to_bsh(q, f"{tag}/q")
-        k_bsh, k_nodes = to_bsh(scatters[past_key].input[2], f"{tag}/k")
+        k_bsh, k_nodes = to_bsh(k, f"{tag}/k")
         v_bsh, v_nodes = to_bsh(scatters[past_value].input[2], f"{tag}/v")
         gqa = helper.make_node(
             "GroupQueryAttention",
-            [q_bsh, k_bsh, v_bsh, past_key, past_value, SEQLENS_K, "gqa/total_sequence_length"],
+            [q_bsh, k_bsh, v_bsh, past_key, past_value, SEQLENS_K, "gqa/total_sequence_length", *caches],
             [f"{tag}/out", past_key + RETAINED_SUFFIX, past_value + RETAINED_SUFFIX],
             name=f"{tag}/GroupQueryAttention", domain=MS_DOMAIN,
-            num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale)
+            num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)))
         o_proj.input[0] = f"{tag}/out"
         new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, gqa]))
         drop.update(id(n) for n in (*chain, *scatters.values(), *gathers.values()))
@@ -222,6 +244,134 @@ def rewrite_gqa(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return model, len(pasts)
 
 
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+def _ints(name: str, producers) -> list[int] | None:
+    """The values of a small int constant (Constant node), else None."""
+    node = producers.get(name)
+    if node is None or node.op_type != "Constant":
+        return None
+    value = next((a.t for a in node.attribute if a.name == "value"), None)
+    return None if value is None else [int(v) for v in numpy_helper.to_array(value).reshape(-1)]
+
+
+def _match_rope(x_rot: str, producers) -> tuple[str, str, str] | None:
+    """(x, cos table, sin table) when x_rot = x * cos + rotate_half(x) * sin, with rotate_half(x) =
+    concat(-x[..., R/2:], x[..., :R/2]) and cos/sin = Unsqueeze(Cast?(Gather(table, Clip?(position_ids)))) over
+    [positions, R] tables, R the whole head or (partial rotary) concat(rotated x[..., :R], x[..., R:]); None for
+    any other form (the rotation then stays outside the op, as exported)."""
+    node = producers.get(x_rot)
+    if node is not None and node.op_type == "Concat" and len(node.input) == 2 and _axis(node) in (3, -1):
+        rot, rest = producers.get(node.input[0]), producers.get(node.input[1])
+        inner = _match_rope(node.input[0], producers) if rot is not None and rot.op_type == "Add" else None
+        part = producers.get(inner[0]) if inner is not None else None
+        if part is None or rest is None or part.op_type != "Slice" or rest.op_type != "Slice":
+            return None
+        x = part.input[0]
+        if rest.input[0] != x or len(part.input) < 4 or len(rest.input) < 4:
+            return None
+        r = _ints(part.input[2], producers)
+        if (_ints(part.input[1], producers) != [0] or not r or _ints(rest.input[1], producers) != r
+                or any(_ints(n.input[3], producers) not in ([3], [-1]) for n in (part, rest))
+                or any(len(n.input) > 4 and _ints(n.input[4], producers) not in (None, [1]) for n in (part, rest))):
+            return None
+        return x, inner[1], inner[2]
+    add = node
+    if add is None or add.op_type != "Add":
+        return None
+    muls = [producers.get(i) for i in add.input]
+    if any(m is None or m.op_type != "Mul" for m in muls):
+        return None
+    found = {}
+    for mul in muls:
+        for a, b in (mul.input, mul.input[::-1]):
+            table = _position_table(b, producers)
+            if table is None:
+                continue
+            concat = producers.get(a)
+            if concat is not None and concat.op_type == "Concat" and len(concat.input) == 2:
+                found["sin"] = (table, concat)
+            else:
+                found["cos"] = (table, a)
+            break
+    if set(found) != {"cos", "sin"}:
+        return None
+    x, concat = found["cos"][1], found["sin"][1]
+    neg, low = producers.get(concat.input[0]), producers.get(concat.input[1])
+    high = producers.get(neg.input[0]) if neg is not None and neg.op_type == "Neg" else None
+    if high is None or low is None or high.op_type != "Slice" or low.op_type != "Slice":
+        return None
+    if high.input[0] != x or low.input[0] != x or len(high.input) < 4 or len(low.input) < 4:
+        return None
+    h_start, l_start, l_end = (_ints(n, producers) for n in (high.input[1], low.input[1], low.input[2]))
+    h_axes, l_axes = _ints(high.input[3], producers), _ints(low.input[3], producers)
+    if not (l_start == [0] and l_end and h_start == l_end and h_axes in ([3], [-1]) and l_axes in ([3], [-1])):
+        return None
+    if any(len(n.input) > 4 and _ints(n.input[4], producers) not in (None, [1]) for n in (high, low)):
+        return None
+    return x, found["cos"][0], found["sin"][0]
+
+
+def _axis(node) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "axis"), None)
+
+
+def _position_table(name: str, producers) -> str | None:
+    """The table name when `name` is Unsqueeze(axes [1]) of Cast-to-float?(Gather(table, Clip?(position_ids)))."""
+    node = producers.get(name)
+    if node is None or node.op_type != "Unsqueeze" or _ints(node.input[1], producers) != [1]:
+        return None
+    node = producers.get(node.input[0])
+    if node is not None and node.op_type == "Cast":
+        if next((a.i for a in node.attribute if a.name == "to"), None) != TensorProto.FLOAT:
+            return None
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+        return None
+    index = node.input[1]
+    clip = producers.get(index)
+    if clip is not None and clip.op_type == "Clip":
+        index = clip.input[0]
+    return node.input[0] if index == POSITION_IDS else None
+
+
+def _table_values(graph, name: str, weights_dir: Path | None, producers) -> np.ndarray | None:
+    node = producers.get(name)
+    if node is not None:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        return None if value is None else numpy_helper.to_array(value)
+    init = next((i for i in graph.initializer if i.name == name), None)
+    if init is None or (init.data_location == TensorProto.EXTERNAL and weights_dir is None):
+        return None
+    return numpy_helper.to_array(init, str(weights_dir) if weights_dir is not None else "")
+
+
+def _rope_caches(graph, tables: tuple[str, str], head_dim, ctx_len: int | None, weights_dir: Path | None,
+                 producers) -> tuple[str, str] | None:
+    """GQA's cos_cache / sin_cache ([positions, R/2], fp32) as new initializers, from [positions, R] tables
+    (R <= head_dim, even) whose two halves repeat (rotate_half's layout); ctx_len + 1 rows (the spare slot's
+    position reads the last). None when the tables are not of that form."""
+    values = [_table_values(graph, t, weights_dir, producers) for t in tables]
+    if any(v is None or v.ndim != 2 or v.shape != values[0].shape for v in values):
+        return None
+    half = values[0].shape[1] // 2  # ORT's kernel takes R/2 a multiple of 8 and R <= head_dim
+    if not half or half % 8 or 2 * half != values[0].shape[1] or not isinstance(head_dim, int) or 2 * half > head_dim:
+        return None
+    if any(not np.array_equal(v[:, :half], v[:, half:]) for v in values):
+        return None
+    rows = values[0].shape[0] + 1 if ctx_len is None else ctx_len + 1
+    names = []
+    for kind, v in zip(("cos", "sin"), values):
+        cache = np.zeros((rows, half), np.float32)
+        n = min(rows, v.shape[0])
+        cache[:n] = v[:n, :half]
+        names.append(f"gqa/{kind}_cache/{len(graph.initializer)}")
+        graph.initializer.append(numpy_helper.from_array(cache, names[-1]))
+    return names[0], names[1]
+
+
 def _live(nodes: list, outputs: set[str]) -> list:
     """The nodes that some graph output depends on, in their order."""
     needed, keep = set(outputs), []
@@ -233,18 +383,22 @@ def _live(nodes: list, outputs: set[str]) -> list:
 
 
 # ----------------------------------------------------------------------------- compile step
-def write_ort_graph(onnx_path: Path, folder: Path) -> OrtGraphPlan:
+def write_ort_graph(onnx_path: Path, folder: Path, ctx_len: int | None = None, rotary: bool = True) -> OrtGraphPlan:
     """Write the rewritten graph into `folder` (graph only: its weights stay in the export's external-data file,
     which the session reads from the export folder) or say why the exported graph runs as it is."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     before = len(model.graph.node)
     try:
-        model, layers = rewrite_gqa(model)
+        model, layers = rewrite_gqa(model, ctx_len, onnx_path.parent, rotary)
     except RewriteNotApplicable as e:
         return OrtGraphPlan("exported", f"exported graph kept: {e}")
     onnx.save(model, str(folder / ORT_GRAPH))
+    rotary = sum(1 for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                 and any(a.name == "do_rotary" and a.i for a in n.attribute))
+    inside = f"; rotary inside the op in {rotary}" if rotary else ""
     return OrtGraphPlan("gqa", f"attention of {layers} layer(s) replaced by com.microsoft.GroupQueryAttention "
-                               "(KV cache updated in place)", ORT_GRAPH, layers, before, len(model.graph.node))
+                               f"(KV cache updated in place{inside})", ORT_GRAPH, layers, before,
+                        len(model.graph.node), rotary_layers=rotary)
 
 
 def plan_ort_graph(onnx_path: Path, folder: Path, specializations: list[dict[str, int]],
@@ -255,9 +409,18 @@ def plan_ort_graph(onnx_path: Path, folder: Path, specializations: list[dict[str
         return OrtGraphPlan("exported", f"exported graph kept: {GRAPH_ENV}=exported")
     if not specializations or not all("ctx_len" in s and "seq_len" in s for s in specializations):
         return OrtGraphPlan("exported", "exported graph kept: not a retained-KV decoder (no ctx_len/seq_len)")
-    plan = write_ort_graph(onnx_path, folder)
-    return verify(plan, onnx_path, folder, specializations[0]["ctx_len"],
-                  max(s["seq_len"] for s in specializations), threads)
+    ctx_len, prefill = specializations[0]["ctx_len"], max(s["seq_len"] for s in specializations)
+    written = write_ort_graph(onnx_path, folder, ctx_len)
+    plan = verify(written, onnx_path, folder, ctx_len, prefill, threads)
+    if plan.graph == "exported" and written.rotary_layers:
+        # the rotation inside the op is what differed or failed: the rewrite with every rotation kept outside
+        retry = write_ort_graph(onnx_path, folder, ctx_len, rotary=False)
+        if retry.graph == "gqa":
+            retry = verify(retry, onnx_path, folder, ctx_len, prefill, threads)
+            if retry.graph == "gqa":
+                retry.why += f" (rotary kept outside: inside the op, {plan.why.split(': ', 1)[-1]})"
+                return retry
+    return plan
 
 
 def ort_graph_summary(plan: dict) -> str:

@@ -11,6 +11,34 @@ from qeff_lab.precision.emulate import Fp16Emulation
 from qeff_lab.precision.mx import mxint8_qdq_cache
 
 
+def hf_greedy(model: torch.nn.Module, prompt_ids, new_tokens: int, pad_token_id: int = 0) -> list[list[int]]:
+    """HF `generate` as plain argmax, one prompt at a time (no padding): exactly `new_tokens` new ids each, EOS
+    included as an ordinary token. The parity reference for greedy decoders. EOS is cleared on a copy of the
+    model's generation_config, not by `eos_token_id=None` + `min_new_tokens`: generate would fill the id back in
+    from that config and the min-length processor would then ban it, a reference that never emits EOS where a
+    greedy decoder does. The model's own generation_config is left as it was."""
+    import copy
+
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, pad_token_id=pad_token_id)
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.eos_token_id = None
+    out = []
+    try:
+        with torch.no_grad():
+            for p in prompt_ids:
+                ids = model.generate(torch.tensor([list(p)]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                     generation_config=gen)
+                out.append(ids[0, len(p):].tolist())
+    finally:
+        model.generation_config = saved
+    if any(len(o) != new_tokens for o in out):
+        raise RuntimeError(f"HF generate stopped early ({[len(o) for o in out]} of {new_tokens} new tokens)")
+    return out
+
+
 class HFCausalRunner:
     """A HuggingFace causal LM (its own dynamic cache) as a KVRunner, batch size 1: `step(ids, positions)`
     returns the logits at the last valid position; padding (position -1) is dropped; a call starting at

@@ -41,11 +41,12 @@ RECYCLE_AFTER = 40  # worker processes are replaced after this many types (bound
 
 # ----------------------------------------------------------------------------------------------- the shrinker
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN, MOE_FFN = 64, 2, 4, 2, 16, 128, 32
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")  # how configs name their depth
 SIZES: dict[str, int] = {
     **dict.fromkeys(("hidden_size", "n_embd", "n_embed", "d_model", "dim", "embed_dim", "emb_dim",
                      "word_embed_proj_dim", "embedding_size", "attention_hidden_size", "true_hidden_size",
                      "intra_bottleneck_size"), HIDDEN),
-    **dict.fromkeys(("num_hidden_layers", "n_layer", "n_layers", "num_layers"), LAYERS),
+    **dict.fromkeys(LAYER_COUNT_KEYS, LAYERS),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads",
                      "swa_num_attention_heads"), HEADS),
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
@@ -151,7 +152,7 @@ def tiny_config(model_type: str):
 
     config_cls = CONFIG_MAPPING[model_type]
     defaults = config_cls().to_dict()
-    layers = next((defaults[k] for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    layers = next((defaults[k] for k in LAYER_COUNT_KEYS
                    if _int(defaults.get(k))), None)
     overrides = shrink_overrides(defaults, layers)
     for key, value in CONFIG_TWEAKS.get(model_type, ({}, ""))[0].items():
@@ -193,7 +194,7 @@ def composite_reason(config_cls) -> str | None:
             config = config_cls()
         except Exception:
             return None
-        if not any(_int(getattr(config, k, None)) for k in ("num_hidden_layers", "n_layer", "n_layers", "num_layers")):
+        if not any(_int(getattr(config, k, None)) for k in LAYER_COUNT_KEYS):
             return (f"composite of several stacks ({', '.join(subs)}) with no layer count of its own: not one "
                     "decoder-only stack with a KV cache per layer")
     return None
@@ -255,30 +256,10 @@ def _first_divergence(got: list[list[int]], ref: list[list[int]], what: str) -> 
 
 
 def _hf_greedy(model, prompts) -> list[list[int]]:
-    """Plain argmax decoding, NEW_TOKENS each. Not `min_new_tokens` with `eos_token_id=None`: generate fills the
-    EOS id back in from the model's generation_config and the min-length processor then bans it, so the
-    reference would never emit EOS where a greedy decoder (ours) does. EOS is cleared at the source instead."""
-    import copy
+    """Plain argmax decoding, NEW_TOKENS each (qeff_lab.accuracy.runners.hf_greedy: EOS is an ordinary token)."""
+    from qeff_lab.accuracy.runners import hf_greedy
 
-    import torch
-    from transformers import GenerationConfig
-
-    gen = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS, pad_token_id=0)
-    saved = model.generation_config
-    model.generation_config = copy.deepcopy(saved)
-    model.generation_config.eos_token_id = None
-    out = []
-    try:
-        with torch.no_grad():
-            for p in prompts:
-                ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                     generation_config=gen)
-                out.append(ids[0, len(p):].tolist())
-    finally:
-        model.generation_config = saved
-    if any(len(o) != NEW_TOKENS for o in out):
-        raise RuntimeError(f"HF generate stopped early ({[len(o) for o in out]} of {NEW_TOKENS} new tokens)")
-    return out
+    return hf_greedy(model, prompts, NEW_TOKENS)
 
 
 def randomize_zero_matrices(model, std: float) -> list[str]:

@@ -1,8 +1,8 @@
 """Tiny random causal LMs, one per family (fixed seeds), and HF greedy references for parity tests."""
-import copy
-
 import torch
 import transformers as tf
+
+from qeff_lab.accuracy import runners
 
 COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, vocab_size=1000,
               max_position_embeddings=256, num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -35,20 +35,5 @@ def prompts(seed: int = 1, lengths=PROMPT_LENGTHS) -> list[list[int]]:
 
 
 def hf_greedy(model, prompt_ids: list[list[int]], new_tokens: int = NEW_TOKENS) -> list[list[int]]:
-    """HF `generate`, one prompt at a time (no padding), plain argmax, EOS ignored: exactly `new_tokens` each.
-    EOS is cleared on a copy of the model's generation_config: `eos_token_id=None` + `min_new_tokens` would get
-    the id filled back in from it and banned by the min-length processor (a reference that never emits EOS)."""
-    saved = model.generation_config
-    model.generation_config = copy.deepcopy(saved)
-    model.generation_config.eos_token_id = None
-    out = []
-    try:
-        with torch.no_grad():
-            for p in prompt_ids:
-                ids = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                     max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-                out.append(ids[0, len(p):].tolist())
-    finally:
-        model.generation_config = saved
-    assert all(len(o) == new_tokens for o in out)
-    return out
+    """HF `generate`, one prompt at a time, plain argmax, EOS an ordinary token: exactly `new_tokens` each."""
+    return runners.hf_greedy(model, prompt_ids, new_tokens)

@@ -101,13 +101,13 @@ class OrtGqaKVSession:
         slots = list(range(rows)) if bi is None else bi[:, 0].tolist()  # the cache row of each row
         lengths = [_valid_length(position_ids[r], self.ctx_len) for r in range(rows)]
         if seq == 1 and rows == self.batch_size:  # decode: every row at once; a row sitting out writes the spare slot
-            order = np.argsort(slots)  # rows in slot order: cache row r is slot r (continuous batching)
-            in_order = (order == np.arange(rows)).all()
-            if not in_order:
+            # continuous batching: cache row r is slot r, so rows go in slot order (the scheduler sends arange)
+            order = None if slots == sorted(slots) else np.argsort(slots)
+            if order is not None:
                 input_ids, position_ids = input_ids[order], position_ids[order]
             seqlens = np.where(position_ids[:, 0] >= 0, position_ids[:, 0], self.ctx_len)
             logits = self._run(None, input_ids, position_ids, seqlens)
-            if not in_order:
+            if order is not None:
                 logits[order] = logits.copy()
         elif rows == 1:
             n = lengths[0]

@@ -12,11 +12,14 @@ ONNX Runtime runs it (`qeff_lab.runtime.ort_gqa_session`). What changes at its i
   other rotary form stays outside the op as exported.
 - past_key.i / past_key.i_RetainedState must be bound to the same buffer (GQA's shared-buffer mode), so nothing
   copies the cache between steps.
+- continuous batching (CtxScatterCB / CtxGatherCB, which take batch_index): cache row r is slot r, so batch_index
+  goes away; the runner binds the row of the prefilled slot, or all slots in slot order for decode. A graph in
+  which something else reads batch_index (the in-graph sampler's penalty buffers) keeps the exported graph.
 GQA needs contiguous positions per row (no -1 padding inside a call) and ORT's CPU kernel takes batch > 1 only
 with seq_len 1; the runner splits padded prefill per row and sends finished rows to a spare slot.
 
-A graph the pattern does not match (continuous batching, no CtxScatter/CtxGather attention, a different score
-chain) is left as exported: `plan_ort_graph` says which graph runs and why. The rewrite is then checked against
+A graph the pattern does not match (no CtxScatter/CtxGather attention, a different score chain, batch_index read
+by something else) is left as exported: `plan_ort_graph` says which graph runs and why. The rewrite is then checked against
 the exported graph on ONNX Runtime (`verify`), and falls back to the exported graph if the logits differ.
 """
 from __future__ import annotations
@@ -32,7 +35,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, POSITION_IDS, RETAINED_SUFFIX
 
-REWRITE_VERSION = "gqa-2"  # part of the compile key: a change here makes a new compile folder
+# part of the compile key: a change here makes a new compile folder (2: continuous batching, rotary inside the op)
+REWRITE_VERSION = "gqa-2"
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
@@ -111,8 +115,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
     `rotary=False` leaves every rotation outside the op."""
     g = model.graph
     inputs = {i.name: i for i in g.input}
-    if BATCH_INDEX in inputs:
-        raise RewriteNotApplicable("continuous batching (batch_index selects KV rows; GQA's cache rows are the batch)")
+    scatter_ops, gather_ops = ("CtxScatter", "CtxScatterCB"), ("CtxGather", "CtxGatherCB")  # CB: continuous batching
     pasts = [n for n in inputs if n.startswith("past_key.")]
     if not pasts:
         raise RewriteNotApplicable("no past_key.* inputs (not a retained-KV decoder)")
@@ -138,16 +141,17 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         past_value = f"past_value.{layer}"
         scatters = {}
         for name in (past_key, past_value):
-            users = [u for u in consumers.get(name, []) if u.op_type == "CtxScatter"]
-            others = [u.op_type for u in consumers.get(name, []) if u.op_type not in ("CtxScatter", "Shape")]
+            users = [u for u in consumers.get(name, []) if u.op_type in scatter_ops]
+            others = [u.op_type for u in consumers.get(name, []) if u.op_type not in (*scatter_ops, "Shape")]
             if len(users) != 1 or others or users[0].output[0] != name + RETAINED_SUFFIX:
-                raise RewriteNotApplicable(f"{name} is not written by one CtxScatter into {name + RETAINED_SUFFIX}")
+                raise RewriteNotApplicable(f"{name} is not written by one CtxScatter/CtxScatterCB into "
+                                           f"{name + RETAINED_SUFFIX}")
             scatters[name] = users[0]
         gathers = {}
         for name in (past_key, past_value):
             users = consumers.get(name + RETAINED_SUFFIX, [])
-            if len(users) != 1 or users[0].op_type != "CtxGather":
-                raise RewriteNotApplicable(f"{name + RETAINED_SUFFIX} is not read by one CtxGather")
+            if len(users) != 1 or users[0].op_type not in gather_ops:
+                raise RewriteNotApplicable(f"{name + RETAINED_SUFFIX} is not read by one CtxGather/CtxGatherCB")
             gathers[name] = users[0]
         # scores = MatMul(q, Transpose(gather_k)) -> Mul(scale) -> Where(mask) -> Softmax -> Cast* -> MatMul(., gather_v)
         k_t = _only_consumer(consumers, gathers[past_key].output[0], "Transpose")
@@ -194,7 +198,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         if not isinstance(head_dim, int) or not isinstance(kv_heads, int) or hidden % head_dim:
             raise RewriteNotApplicable(f"layer {layer}: head sizes are not static ({kv_heads}, {head_dim}, {hidden})")
         tag = f"gqa/{layer}"
-        k = scatters[past_key].input[2]
+        k = scatters[past_key].input[-1]  # the updates: the last input of both scatter kinds
         q_rope, k_rope = (_match_rope(q, producers), _match_rope(k, producers)) if rotary else (None, None)
         caches = []  # GQA's cos_cache / sin_cache inputs when the rotation moves into the op
         if q_rope is not None and k_rope is not None and q_rope[1:] == k_rope[1:]:
@@ -205,7 +209,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
                 (q, k), caches = (q_rope[0], k_rope[0]), list(rope_caches[tables])
         q_bsh, q_nodes = to_bsh(q, f"{tag}/q")
         k_bsh, k_nodes = to_bsh(k, f"{tag}/k")
-        v_bsh, v_nodes = to_bsh(scatters[past_value].input[2], f"{tag}/v")
+        v_bsh, v_nodes = to_bsh(scatters[past_value].input[-1], f"{tag}/v")
         gqa = helper.make_node(
             "GroupQueryAttention",
             [q_bsh, k_bsh, v_bsh, past_key, past_value, SEQLENS_K, "gqa/total_sequence_length", *caches],
@@ -229,8 +233,15 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         nodes.extend(before.get(id(n), []))
         if id(n) not in drop:
             nodes.append(n)
+    nodes = _live(nodes, {o.name for o in g.output})
+    if BATCH_INDEX in inputs:  # continuous batching: cache row r is slot r, the runner binds the slots' rows
+        still = sorted({n.op_type for n in nodes if BATCH_INDEX in n.input})
+        if still:
+            raise RewriteNotApplicable(f"continuous batching with batch_index also read by {still} (only its use by "
+                                       "CtxScatterCB/CtxGatherCB goes away: GQA's cache rows are the batch)")
+        g.input.remove(inputs[BATCH_INDEX])
     del g.node[:]
-    g.node.extend(_live(nodes, {o.name for o in g.output}))
+    g.node.extend(nodes)
     batch = _dims(inputs[INPUT_IDS])[0]
     g.input.append(helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [batch]))
     used_domains = {n.domain for n in g.node}
@@ -439,7 +450,8 @@ def graph_choice_key() -> str:
 def verify(plan: OrtGraphPlan, onnx_path: Path, folder: Path, ctx_len: int, prefill_seq_len: int,
            threads: int | None = None, decode_steps: int = 3) -> OrtGraphPlan:
     """Run the exported graph and the rewrite on ONNX Runtime with the same random prompt (a full prefill chunk
-    and a shorter one, then `decode_steps` decode steps, batch 1) and record the largest logit difference; above
+    and a shorter one, then `decode_steps` decode steps, batch 1; slot 0 of a one-slot cache with continuous
+    batching) and record the largest logit difference; above
     TOLERANCE the exported graph runs instead (the rewritten file is removed)."""
     if plan.graph != "gqa":
         return plan
@@ -489,18 +501,23 @@ def _past_shapes(session) -> dict[str, tuple]:
 
 
 def _run_exported(onnx_path: Path, calls, ctx_len: int, P: int, threads) -> np.ndarray:
-    """Logits of each call on the exported graph (padded to the compiled shapes, cache fed back through numpy)."""
+    """Logits of each call on the exported graph (padded to the compiled shapes, cache fed back through numpy;
+    with continuous batching a cache of one slot, batch_index [[0]])."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), session_options(threads), providers=["CPUExecutionProvider"])
     past = {n: np.zeros((1, h, ctx_len, d), np.float32) for n, (h, d) in _past_shapes(sess).items()}
     names = [o.name for o in sess.get_outputs()]
+    cb = BATCH_INDEX in {i.name for i in sess.get_inputs()}
     out = []
     for ids, pos in calls:
         width = P if len(pos) > 1 or P == 1 else 1
         feed_ids, feed_pos = np.zeros((1, width), np.int64), np.full((1, width), -1, np.int64)
         feed_ids[0, :len(ids)], feed_pos[0, :len(pos)] = ids, pos
-        res = dict(zip(names, sess.run(names, {INPUT_IDS: feed_ids, POSITION_IDS: feed_pos, **past})))
+        feeds = {INPUT_IDS: feed_ids, POSITION_IDS: feed_pos, **past}
+        if cb:
+            feeds[BATCH_INDEX] = np.zeros((1, 1), np.int64)  # the one-row cache is slot 0
+        res = dict(zip(names, sess.run(names, feeds)))
         past = {n: res[n + RETAINED_SUFFIX] for n in past}
         out.append(res["logits"][:, -1])
     return np.concatenate(out)

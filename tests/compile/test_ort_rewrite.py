@@ -1,6 +1,7 @@
 """The embedded backend's own compile result: the GroupQueryAttention rewrite of retained-KV decoders. Tokens equal
-HF greedy on tiny families (padded batch 2, prompts longer than the prefill chunk); graphs it does not fit keep the
-exported graph and say why; a rewrite that disagrees with the exported graph is not used."""
+HF greedy on tiny families (padded batch 2, prompts longer than the prefill chunk; continuous batching on 2 slots);
+graphs it does not fit keep the exported graph and say why; a rewrite that disagrees with the exported graph is not
+used."""
 import json
 
 import onnx
@@ -47,12 +48,44 @@ def test_tokens_equal_hf_greedy_and_the_report_says_which_graph_ran(family, over
     assert out.ids == reference
 
 
-def test_continuous_batching_keeps_the_exported_graph():
-    model = QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=3), "tiny-llama-ort-cb",
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_continuous_batching_runs_the_gqa_graph_with_hf_greedy_tokens(family):
+    """CtxScatterCB/CtxGatherCB replaced like CtxScatter/CtxGather; batch_index leaves the graph (cache row = slot);
+    5 prompts on 2 slots give HF greedy tokens."""
+    hf = tiny_model(family, seed=3)
+    prompt_ids = prompts(lengths=(5, 13, 8, 1, 11))
+    reference = hf_greedy(hf, prompt_ids, NEW)
+    model = QEFFAutoModelForCausalLM.from_model(tiny_model(family, seed=3), f"tiny-{family}-ort-cb",
                                                 continuous_batching=True)
     model.compile(prefill_seq_len=8, ctx_len=32, full_batch_size=2)
     report = model.compile_result.ort_graph
-    assert report["graph"] == "exported" and "continuous batching" in report["why"]
+    assert report["graph"] == "gqa", report["why"]
+    assert report["layers"] == 2 and report["max_logit_diff"] < 1e-4 and report["nodes_after"] < report["nodes_before"]
+    graph = onnx.load(str(model.compile_result.folder / report["path"]), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "GroupQueryAttention" in ops and not ops & {"CtxScatterCB", "CtxGatherCB", "CtxScatter", "CtxGather"}
+    assert "batch_index" not in [i.name for i in graph.input]
+    runner = model.runner()
+    assert type(runner).__name__ == "OrtGqaKVSession" and runner.continuous_batching and runner.full_batch_size == 2
+    out = model.generate_from_ids(prompt_ids, NEW)
+    assert out.ids == reference and max(r.slot for r in out.metrics.requests) == 1
+
+
+def test_a_batch_index_with_another_reader_keeps_the_exported_graph():
+    """The in-graph sampler reads batch_index (its penalty buffers have one row per slot): the rewrite says so, the
+    exported graph runs, and serves the same greedy tokens as the plain model's GQA graph."""
+    prompt_ids = prompts(lengths=(5, 13, 8))
+    sampler = QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=3), "tiny-llama-ort-cb-sampler",
+                                                  continuous_batching=True, qaic_config={"include_sampler": True})
+    sampler.compile(prefill_seq_len=8, ctx_len=32, full_batch_size=2)
+    report = sampler.compile_result.ort_graph
+    assert report["graph"] == "exported" and "batch_index also read by" in report["why"], report["why"]
+    assert type(sampler.runner()).__name__ == "OrtKVSession"
+    plain = QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=3), "tiny-llama-ort-cb",
+                                                continuous_batching=True)
+    plain.compile(prefill_seq_len=8, ctx_len=32, full_batch_size=2)
+    assert plain.compile_result.ort_graph["graph"] == "gqa"
+    assert sampler.generate_from_ids(prompt_ids, NEW).ids == plain.generate_from_ids(prompt_ids, NEW).ids
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +111,34 @@ def test_the_environment_can_keep_the_exported_graph(exported_llama, tmp_path, m
     assert ort_rewrite.graph_choice_key() == "exported"  # a different compile folder than the rewrite's
     monkeypatch.delenv(ort_rewrite.GRAPH_ENV)
     assert ort_rewrite.graph_choice_key() == ort_rewrite.REWRITE_VERSION
+
+
+CB_SPECS = [{"batch_size": 1, "seq_len": 8, "ctx_len": 32, "full_batch_size": 2},
+            {"batch_size": 2, "seq_len": 1, "ctx_len": 32, "full_batch_size": 2}]
+
+
+@pytest.fixture(scope="module")
+def exported_llama_cb():
+    model = QEFFAutoModelForCausalLM.from_model(tiny_model("llama", seed=3), "tiny-llama-ort-cb-unit",
+                                                continuous_batching=True)
+    return model.export()
+
+
+def test_a_continuous_batching_rewrite_is_checked_against_the_exported_graph(exported_llama_cb, tmp_path, monkeypatch):
+    plan = ort_rewrite.plan_ort_graph(exported_llama_cb, tmp_path, CB_SPECS)
+    assert plan.graph == "gqa" and plan.max_logit_diff < 1e-4  # the exported CB graph ran (batch_index [[0]])
+    monkeypatch.setattr(ort_rewrite, "TOLERANCE", -1.0)
+    plan = ort_rewrite.plan_ort_graph(exported_llama_cb, tmp_path, CB_SPECS)
+    assert plan.graph == "exported" and "differed by" in plan.why
+    assert not (tmp_path / ort_rewrite.ORT_GRAPH).exists()
+
+
+def test_a_batch_index_read_outside_attention_is_refused(exported_llama_cb):
+    proto = onnx.load(str(exported_llama_cb), load_external_data=False)
+    proto.graph.node.append(onnx.helper.make_node("Identity", ["batch_index"], ["slot_out"]))
+    proto.graph.output.append(onnx.helper.make_tensor_value_info("slot_out", onnx.TensorProto.INT64, None))
+    with pytest.raises(ort_rewrite.RewriteNotApplicable, match=r"batch_index also read by \['Identity'\]"):
+        ort_rewrite.rewrite_gqa(proto)
 
 
 def test_graphs_without_the_pattern_are_refused_with_the_reason(exported_llama, tmp_path):

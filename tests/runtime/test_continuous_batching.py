@@ -1,6 +1,7 @@
 """Continuous batching on tiny decoders: QEfficient's I/O (batch_index, full_batch_size), greedy tokens of each
 prompt equal to running it alone (HF generate), for fewer / as many / more prompts than slots, very different
-prompt lengths and per-request generation_len; slots handed over at once; per-request metrics; bad input."""
+prompt lengths and per-request generation_len (on the embedded backend's GroupQueryAttention graph, and on the
+exported graph); slots handed over at once; per-request metrics; bad input."""
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from qeff_lab import QEFFAutoModelForCausalLM
 from qeff_lab.runtime.continuous_batching import ServingMetrics, generate_continuous
 from qeff_lab.runtime.generation import TorchKVRunner, generate_ids
+from qeff_lab.runtime.kv_session import OrtKVSession
 from qeff_lab.runtime.sampling import SamplingParams
 from tests.transforms.tiny_decoders import hf_greedy, prompts, tiny_model
 
@@ -49,6 +51,21 @@ def test_each_prompt_gets_the_tokens_it_gets_alone(served, n):
     assert out.ids == reference[:n]
     assert out.stopped == ["length"] * n
     assert isinstance(out.metrics, ServingMetrics) and out.metrics.generated_tokens == sum(GEN[:n])
+
+
+def test_the_embedded_backend_serves_on_its_gqa_graph_as_on_the_exported_graph(served):
+    """The compile's GroupQueryAttention graph runs (cache row = slot); the exported graph (OrtKVSession) gives the
+    same tokens, also with prefix reuse."""
+    model, _, prompt_ids, reference = served
+    runner = model.runner()
+    assert type(runner).__name__ == "OrtGqaKVSession" and runner.full_batch_size == FBS
+    result = model.compile_result
+    exported = OrtKVSession(result.onnx_path, result.specializations)
+    assert generate_continuous(exported, prompt_ids, GEN)[0] == reference
+    shared, gen = _shared_prefix_prompts()
+    fresh = generate_continuous(exported, shared, gen)[0]
+    assert generate_continuous(runner, shared, gen, prefix_caching=True)[0] == fresh
+    assert generate_continuous(exported, shared, gen, prefix_caching=True)[0] == fresh
 
 
 def test_pytorch_runner_serves_the_same_tokens(served):

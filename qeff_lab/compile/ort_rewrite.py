@@ -125,6 +125,9 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
     new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []  # (insert before this node, nodes)
 
     rope_caches: dict[tuple[str, str], tuple[str, str]] = {}  # (cos table, sin table) -> GQA's cos/sin caches
+    known = {**producers, **{i.name: helper.make_node("Constant", [], [i.name], value=i) for i in g.initializer
+                             if i.data_location != TensorProto.EXTERNAL and len(i.dims) <= 1 and
+                             (not i.dims or i.dims[0] <= 8)}}  # small initializers read as constants
 
     def to_bsh(src: str, tag: str) -> tuple[str, list]:
         """[B, N, S, D] -> [B, S, N*D]; a [B, S, N, D] tensor transposed into src is reshaped directly."""
@@ -176,13 +179,15 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         if nxt.op_type != "MatMul" or nxt.input[1] != gathers[past_value].output[0]:
             raise RewriteNotApplicable(f"layer {layer}: probabilities do not multiply the gathered values")
         chain.append(nxt)
-        # the context [B, H, S, D] -> reshapes/transposes -> the output projection MatMul (initializer weight)
+        # the context [B, H, S, D] -> reshapes/transposes -> the output projection MatMul (an initializer weight
+        # [H*D, out], or Transpose of one [out, H*D] as the streamed export writes it)
         out = nxt.output[0]
         while True:
             users = consumers.get(out, [])
             if len(users) != 1:
                 raise RewriteNotApplicable(f"layer {layer}: attention context has {len(users)} users")
-            if users[0].op_type == "MatMul" and users[0].input[1] in weights:
+            o_rows = _weight_rows(users[0].input[1], weights, producers) if users[0].op_type == "MatMul" else None
+            if o_rows is not None:
                 o_proj = users[0]
                 break
             if users[0].op_type not in ("Reshape", "Transpose"):
@@ -194,12 +199,12 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             q = producers[q].input[0]
         head_dim = _dims(inputs[past_key])[3]
         kv_heads = _dims(inputs[past_key])[1]
-        hidden = weights[o_proj.input[1]][0]
+        hidden = o_rows
         if not isinstance(head_dim, int) or not isinstance(kv_heads, int) or hidden % head_dim:
             raise RewriteNotApplicable(f"layer {layer}: head sizes are not static ({kv_heads}, {head_dim}, {hidden})")
         tag = f"gqa/{layer}"
         k = scatters[past_key].input[-1]  # the updates: the last input of both scatter kinds
-        q_rope, k_rope = (_match_rope(q, producers), _match_rope(k, producers)) if rotary else (None, None)
+        q_rope, k_rope = (_match_rope(q, known), _match_rope(k, known)) if rotary else (None, None)
         caches = []  # GQA's cos_cache / sin_cache inputs when the rotation moves into the op
         if q_rope is not None and k_rope is not None and q_rope[1:] == k_rope[1:]:
             tables = q_rope[1:]
@@ -255,17 +260,37 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
     return model, len(pasts)
 
 
+def _weight_rows(name: str, weights: dict[str, list], producers) -> int | None:
+    """The input size of a projection's weight: rows of a [in, out] initializer, or columns of an [out, in]
+    initializer behind Transpose(perm [1, 0]); None for anything else."""
+    if name in weights:
+        return weights[name][0] if len(weights[name]) == 2 else None
+    node = producers.get(name)
+    if (node is not None and node.op_type == "Transpose" and node.input[0] in weights
+            and len(weights[node.input[0]]) == 2 and _perm(node) in (None, [1, 0])):
+        return weights[node.input[0]][1]
+    return None
+
+
 def _perm(node) -> list[int] | None:
     return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
 
 
-def _ints(name: str, producers) -> list[int] | None:
-    """The values of a small int constant (Constant node), else None."""
+def _ints(name: str, producers, depth: int = 0) -> list[int] | None:
+    """The values (flattened) of a small int constant: a Constant node (small initializers are given to the rewrite
+    as Constant nodes too), or Unsqueeze / Reshape / Squeeze / Cast / Identity / Concat of such; else None."""
     node = producers.get(name)
-    if node is None or node.op_type != "Constant":
+    if node is None or depth > 8:
         return None
-    value = next((a.t for a in node.attribute if a.name == "value"), None)
-    return None if value is None else [int(v) for v in numpy_helper.to_array(value).reshape(-1)]
+    if node.op_type == "Constant":
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        return None if value is None else [int(v) for v in numpy_helper.to_array(value).reshape(-1)]
+    if node.op_type in ("Unsqueeze", "Reshape", "Squeeze", "Cast", "Identity"):
+        return _ints(node.input[0], producers, depth + 1)  # the values, flattened, do not change
+    if node.op_type == "Concat":
+        parts = [_ints(i, producers, depth + 1) for i in node.input]
+        return None if any(p is None for p in parts) else [v for p in parts for v in p]
+    return None
 
 
 def _match_rope(x_rot: str, producers) -> tuple[str, str, str] | None:

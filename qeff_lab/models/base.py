@@ -316,8 +316,8 @@ class QEFFBaseModel(HtmlRepr):
         size = sum(f.stat().st_size for f in files)
         if obstacle is None and route is None and files and size < export_mod.STREAM_ABOVE:
             obstacle = (f"the checkpoint ({size / 1e9:.2f} GB) is under {export_mod.STREAM_ABOVE / 2**30:g} GiB: the "
-                        "traced route, whose graph the embedded backend's attention rewrite matches (route='streamed' "
-                        "forces streaming)")
+                        "traced route: its peak still fits, and its weights feed the MatMuls directly (the streamed graph "
+                        "transposes each one; route='streamed' forces streaming)")
         if obstacle is not None:
             if route == STREAMED:
                 raise ValueError(f"route='streamed' cannot apply: {obstacle}. Use route='traced' or None.")

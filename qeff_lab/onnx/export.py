@@ -25,9 +25,9 @@ ONNX_NAME = "model.onnx"
 PASSES_FILE = "passes.json"
 ROUTE_FILE = "route.json"
 TRACED, STREAMED = "traced", "streamed"
-# Checkpoints smaller than this take the traced route by default: its peak (~7x the weights) still fits, and the
-# embedded backend's GroupQueryAttention rewrite (compile/ort_rewrite.py) matches the traced graph but not yet the
-# streamed one (decode ~2x slower without it). Larger checkpoints stream, so export memory stays flat.
+# Checkpoints smaller than this take the traced route by default: its peak (~7x the weights) still fits, and its
+# weights feed the MatMuls directly where the streamed graph has MatMul(x, Transpose(W)). Larger checkpoints stream,
+# so export memory stays flat. The embedded backend's GroupQueryAttention rewrite takes both graphs.
 STREAM_ABOVE = 1 << 30
 TRACED_LAYERS = 2  # layers the streamed route traces before cloning the last one
 CUSTOM_OPS_FILE = "custom_ops.json"

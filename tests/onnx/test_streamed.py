@@ -145,3 +145,16 @@ def test_streamed_export_memory_does_not_grow_with_the_weights(tmp_path):
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     added = rss["peak"] - rss["before"]
     assert added < 0.4 * weights, f"streamed export added {added / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+
+
+def test_the_embedded_backend_runs_the_streamed_graph_as_its_groupqueryattention_graph(tmp_path):
+    from tests.transforms.tiny_decoders import hf_greedy
+
+    reference = _save(tmp_path)
+    prompt_ids = [[1, 17, 230, 5, 999], [4, 8, 15, 16, 23, 42, 99, 100, 101, 7, 3]]
+    model = QEFFAutoModelForCausalLM.from_pretrained(str(tmp_path))
+    model.compile(prefill_seq_len=8, ctx_len=32, batch_size=2)
+    assert model.export_result.route == "streamed"
+    plan = model.compile_result.ort_graph  # o_proj is MatMul(x, Transpose(W)) and the rotary constants are folded
+    assert plan["graph"] == "gqa" and plan["layers"] == 5 and plan["rotary_layers"] == 5, plan["why"]
+    assert model.generate_from_ids(prompt_ids, 10).ids == hf_greedy(reference, prompt_ids, 10)

@@ -18,6 +18,24 @@ ONNX Runtime runs it (`qeff_lab.runtime.ort_gqa_session`). What changes at its i
 GQA needs contiguous positions per row (no -1 padding inside a call) and ORT's CPU kernel takes batch > 1 only
 with seq_len 1; the runner splits padded prefill per row and sends finished rows to a spare slot.
 
+Two attention forms are matched, both MatMul(q, Transpose(k)) -> Mul(scale) -> ... -> Softmax -> Cast* ->
+MatMul(., v) -> Transpose/Reshape -> the output projection:
+- the family blocks (transforms.kv_cache.cached_attention): the gathered context itself, Where(mask) on the scores;
+- the generic path (transforms.generic: the model's own eager_attention_forward): repeat_kv's Unsqueeze(axes 2) ->
+  Expand -> Reshape on the gathered keys/values (each kv head serves consecutive query heads, GQA's grouping),
+  optional soft-capping tanh(x / c) * c (GQA's `softcap`), then Add(mask) with an additive float mask.
+  What that mask holds is not read from the graph's shape, nor from the config: it is evaluated. Its subgraph runs
+  on ONNX Runtime for every query position 0 .. ctx_len - 1 against every slot (`_mask_window`), and the layer is
+  rewritten only when it is exactly causal (GQA's own masking) or a causal sliding window of W slots (GQA's
+  `local_window_size` W, the query's own slot included) over the compiled ctx_len; masked entries must be
+  <= MASK_VALUE (exp underflows to 0 as in GQA). Anything else is refused with the reason: chunked or bidirectional
+  masks, an additive bias in the mask (ALiBi), a mask that reads more than the positions. Attention sinks,
+  ALiBi added to the scores, other soft-capping forms or score scaling change the score chain itself and are
+  refused by the matcher. `verify` then runs a check sequence that reaches past the largest window (or keeps the
+  exported graph when the window acts only at positions it cannot reach within ctx_len).
+  The generic path's rotary form (q/k rotated by Clip(Clip(position_ids))-gathered tables, rotate_half's slice
+  bounds computed from Shape) is not `_match_rope`'s: its rotation stays outside the op, as exported.
+
 A graph the pattern does not match (no CtxScatter/CtxGather attention, a different score chain, batch_index read
 by something else) is left as exported: `plan_ort_graph` says which graph runs and why. The rewrite is then checked against
 the exported graph on ONNX Runtime (`verify`), and falls back to the exported graph if the logits differ.
@@ -33,10 +51,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, POSITION_IDS, RETAINED_SUFFIX
+from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, MASK_VALUE, POSITION_IDS, RETAINED_SUFFIX
 
-# part of the compile key: a change here makes a new compile folder (2: continuous batching, rotary inside the op)
-REWRITE_VERSION = "gqa-2"
+# part of the compile key: a change here makes a new compile folder (2: continuous batching, rotary inside the op;
+# 3: the generic path's attention)
+REWRITE_VERSION = "gqa-3"
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
@@ -95,8 +114,8 @@ def _scalar(graph, name: str, producers) -> float | None:
     return None
 
 
-def _only_consumer(consumers, name: str, op_type: str) -> onnx.NodeProto:
-    users = consumers.get(name, [])
+def _only_consumer(consumers, name: str, op_type: str, ignore: tuple[str, ...] = ()) -> onnx.NodeProto:
+    users = [u for u in consumers.get(name, []) if u.op_type not in ignore]
     if len(users) != 1 or users[0].op_type != op_type:
         raise RewriteNotApplicable(f"{name} feeds {[u.op_type for u in users]}, expected one {op_type}")
     return users[0]
@@ -128,6 +147,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
     known = {**producers, **{i.name: helper.make_node("Constant", [], [i.name], value=i) for i in g.initializer
                              if i.data_location != TensorProto.EXTERNAL and len(i.dims) <= 1 and
                              (not i.dims or i.dims[0] <= 8)}}  # small initializers read as constants
+    mask_windows: dict[str, int | None] = {}  # generic path: additive mask -> its sliding window (None: causal)
 
     def to_bsh(src: str, tag: str) -> tuple[str, list]:
         """[B, N, S, D] -> [B, S, N*D]; a [B, S, N, D] tensor transposed into src is reshaped directly."""
@@ -156,8 +176,12 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             if len(users) != 1 or users[0].op_type not in gather_ops:
                 raise RewriteNotApplicable(f"{name + RETAINED_SUFFIX} is not read by one CtxGather/CtxGatherCB")
             gathers[name] = users[0]
-        # scores = MatMul(q, Transpose(gather_k)) -> Mul(scale) -> Where(mask) -> Softmax -> Cast* -> MatMul(., gather_v)
-        k_t = _only_consumer(consumers, gathers[past_key].output[0], "Transpose")
+        # scores = MatMul(q, Transpose(keys)) -> Mul(scale) -> the family's Where(mask) or the generic path's
+        # [Div/Tanh/Mul soft-capping] -> Add(mask) -> Softmax -> Cast* -> MatMul(., values); keys / values are the
+        # gathered context, or (generic path) its repeat_kv expansion to the query heads
+        keys, k_repeat = _repeat_kv(consumers, gathers[past_key].output[0], layer, producers)
+        values, v_repeat = _repeat_kv(consumers, gathers[past_value].output[0], layer, producers)
+        k_t = _only_consumer(consumers, keys, "Transpose", ignore=("Shape",))  # Shape: repeat_kv's sizes
         scores = _only_consumer(consumers, k_t.output[0], "MatMul")
         if scores.input[1] != k_t.output[0]:
             raise RewriteNotApplicable(f"layer {layer}: keys are not the right operand of the score MatMul")
@@ -165,18 +189,32 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         scale = _scalar(g, mul.input[1], producers)
         if scale is None:
             raise RewriteNotApplicable(f"layer {layer}: the score scale is not a scalar constant")
-        where = _only_consumer(consumers, mul.output[0], "Where")
-        chain = [k_t, scores, mul, where]
-        nxt = _only_consumer(consumers, where.output[0], "Softmax")
+        chain = [*k_repeat, *v_repeat, k_t, scores, mul]
+        users = consumers.get(mul.output[0], [])
+        window, softcap = None, 0.0
+        if len(users) == 1 and users[0].op_type == "Where":  # the family blocks (kv_cache.cached_attention)
+            chain.append(users[0])
+            probs = users[0].output[0]
+        else:  # the generic path (the model's own eager_attention_forward): an additive mask of the model's own
+            softcap, capped = _softcap(g, consumers, producers, mul.output[0], layer)
+            add = _only_consumer(consumers, capped[-1].output[0] if capped else mul.output[0], "Add")
+            mask = next(i for i in add.input if i != (capped[-1].output[0] if capped else mul.output[0]))
+            if mask not in mask_windows:
+                mask_windows[mask] = _mask_window(model, mask, ctx_len, weights_dir, layer)
+            window = mask_windows[mask]
+            chain += [*capped, add]
+            probs = add.output[0]
+        nxt = _only_consumer(consumers, probs, "Softmax")
         while True:
             chain.append(nxt)
             users = consumers.get(nxt.output[0], [])
             if len(users) != 1:
                 raise RewriteNotApplicable(f"layer {layer}: attention probabilities have {len(users)} users")
             nxt = users[0]
-            if nxt.op_type != "Cast":
+            if nxt.op_type not in ("Cast", "Identity", "Dropout"):  # Dropout: eval mode, one output read
                 break
-        if nxt.op_type != "MatMul" or nxt.input[1] != gathers[past_value].output[0]:
+        if nxt.op_type != "MatMul" or nxt.input[1] != values or [u.op_type for u in consumers[values]
+                                                                     if u.op_type != "Shape"] != ["MatMul"]:
             raise RewriteNotApplicable(f"layer {layer}: probabilities do not multiply the gathered values")
         chain.append(nxt)
         # the context [B, H, S, D] -> reshapes/transposes -> the output projection MatMul (an initializer weight
@@ -220,7 +258,8 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             [q_bsh, k_bsh, v_bsh, past_key, past_value, SEQLENS_K, "gqa/total_sequence_length", *caches],
             [f"{tag}/out", past_key + RETAINED_SUFFIX, past_value + RETAINED_SUFFIX],
             name=f"{tag}/GroupQueryAttention", domain=MS_DOMAIN,
-            num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)))
+            num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)),
+            **({"local_window_size": window} if window else {}), **({"softcap": softcap} if softcap else {}))
         o_proj.input[0] = f"{tag}/out"
         new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, gqa]))
         drop.update(id(n) for n in (*chain, *scatters.values(), *gathers.values()))
@@ -239,6 +278,12 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         if id(n) not in drop:
             nodes.append(n)
     nodes = _live(nodes, {o.name for o in g.output})
+    known = {i.name for i in g.input} | {i.name for i in g.initializer} | {SEQLENS_K, ""}
+    for n in nodes:  # a removed tensor still read elsewhere (a Shape of the gathered context used by another part)
+        missing = [i for i in n.input if i not in known]
+        if missing:
+            raise RewriteNotApplicable(f"{n.name or n.op_type} still reads {missing[0]}, which the rewrite removes")
+        known.update(n.output)
     if BATCH_INDEX in inputs:  # continuous batching: cache row r is slot r, the runner binds the slots' rows
         still = sorted({n.op_type for n in nodes if BATCH_INDEX in n.input})
         if still:
@@ -408,6 +453,109 @@ def _rope_caches(graph, tables: tuple[str, str], head_dim, ctx_len: int | None, 
     return names[0], names[1]
 
 
+# ----------------------------------------------------------------------------- the generic path's attention
+def _repeat_kv(consumers, gathered: str, layer: str, producers) -> tuple[str, list]:
+    """(the tensor the scores read, the repeat_kv nodes): transformers' repeat_kv expands the gathered
+    [B, kv_heads, ctx, D] to the query heads as Reshape(Expand(Unsqueeze(x, axes [2]))), each kv head repeated for
+    consecutive query heads, GQA's own grouping; its sizes come from Shape(x). Without that chain (the family blocks,
+    n_rep 1) the gathered tensor itself."""
+    users = [u for u in consumers.get(gathered, []) if u.op_type != "Shape"]
+    if len(users) != 1 or users[0].op_type != "Unsqueeze":
+        return gathered, []
+    unsqueeze = users[0]
+    if _ints(unsqueeze.input[1], producers) != [2]:
+        raise RewriteNotApplicable(f"layer {layer}: the gathered keys/values are unsqueezed at axes "
+                                   f"{_ints(unsqueeze.input[1], producers)}, not repeat_kv's [2]")
+    expand = _only_consumer(consumers, unsqueeze.output[0], "Expand")
+    reshape = _only_consumer(consumers, expand.output[0], "Reshape")
+    if expand.input[0] != unsqueeze.output[0] or reshape.input[0] != expand.output[0]:
+        raise RewriteNotApplicable(f"layer {layer}: the gathered keys/values are not expanded as repeat_kv does")
+    return reshape.output[0], [unsqueeze, expand, reshape]
+
+
+def _softcap(graph, consumers, producers, scores: str, layer: str) -> tuple[float, list]:
+    """(c, [Div, Tanh, Mul]) when the scaled scores are soft-capped as tanh(x / c) * c (GQA's `softcap`, applied
+    after the scale and before the mask as in the models' eager attention), else (0.0, [])."""
+    users = consumers.get(scores, [])
+    if len(users) != 1 or users[0].op_type != "Div":
+        return 0.0, []
+    div = users[0]
+    tanh = _only_consumer(consumers, div.output[0], "Tanh")
+    mul = _only_consumer(consumers, tanh.output[0], "Mul")
+    cap = _scalar(graph, div.input[1], producers)
+    other = next((i for i in mul.input if i != tanh.output[0]), None)
+    if div.input[0] != scores or cap is None or cap <= 0 or other is None or _scalar(graph, other, producers) != cap:
+        raise RewriteNotApplicable(f"layer {layer}: the scores are soft-capped in a form other than tanh(x / c) * c")
+    return cap, [div, tanh, mul]
+
+
+MASK_ROWS = 256  # query positions per ONNX Runtime call when the generic path's mask is evaluated
+
+
+def _mask_window(model: onnx.ModelProto, mask: str, ctx_len: int | None, weights_dir: Path | None,
+                 layer: str) -> int | None:
+    """The sliding window of the generic path's additive mask (None: plain causal within ctx_len), proven by
+    evaluating it: the mask's subgraph runs on ONNX Runtime for query positions 0 .. ctx_len - 1 against every
+    slot, and must be 0 exactly where kv <= q (and q - kv < W) and <= MASK_VALUE elsewhere. Anything else
+    (chunked attention, a bidirectional part, an ALiBi bias folded into the mask) is refused."""
+    import onnxruntime as ort
+
+    if ctx_len is None:
+        raise RewriteNotApplicable(f"layer {layer}: the generic path's mask is proven for one ctx_len; none given")
+    g = model.graph
+    nodes = _live(list(g.node), {mask})
+    read = {i for n in nodes for i in n.input}
+    inputs = [i for i in g.input if i.name in read]
+    sub = helper.make_model(
+        helper.make_graph(nodes, "mask", inputs, [helper.make_tensor_value_info(mask, TensorProto.FLOAT, None)],
+                          [i for i in g.initializer if i.name in read]),
+        opset_imports=list(model.opset_import), functions=list(model.functions), ir_version=model.ir_version)
+    try:
+        sess = ort.InferenceSession(sub.SerializeToString(), session_options(1, weights_dir),
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error classes
+        raise RewriteNotApplicable(f"layer {layer}: its mask could not be evaluated ({' '.join(str(e).split())[:200]})")
+    unknown = [i.name for i in inputs if i.name not in (INPUT_IDS, POSITION_IDS, BATCH_INDEX)
+               and not i.name.startswith("past_")]
+    if unknown:
+        raise RewriteNotApplicable(f"layer {layer}: its mask reads {unknown}, not only the positions")
+
+    def evaluate(q: np.ndarray) -> np.ndarray:  # allowed [len(q), ctx_len] for query positions q
+        feeds = {}
+        for i in inputs:
+            if i.name == POSITION_IDS:
+                feeds[i.name] = q[None].astype(np.int64)
+            elif i.name == INPUT_IDS:
+                feeds[i.name] = np.zeros((1, len(q)), np.int64)
+            elif i.name == BATCH_INDEX:
+                feeds[i.name] = np.zeros((1, 1), np.int64)
+            else:  # past_*: one row of ctx_len slots
+                feeds[i.name] = np.zeros((1, _dims(i)[1], ctx_len, _dims(i)[3]), np.float32)
+        m = sess.run([mask], feeds)[0]
+        if m.shape[-2:] != (len(q), ctx_len) or m.size != len(q) * ctx_len:
+            raise RewriteNotApplicable(f"layer {layer}: its mask has shape {list(m.shape)}, not one [S, ctx_len] "
+                                       "for every head")
+        m = m.reshape(len(q), ctx_len)
+        if not np.all((m == 0) | (m <= MASK_VALUE)):
+            raise RewriteNotApplicable(f"layer {layer}: its additive mask holds values other than 0 and <= "
+                                       f"{MASK_VALUE:g} (a bias such as ALiBi); GroupQueryAttention takes none")
+        return m == 0
+
+    slots = np.arange(ctx_len)
+    count = int(evaluate(np.array([ctx_len - 1]))[0].sum())  # the last position sees W slots, or all with no window
+    window = count if count < ctx_len else None
+    for start in range(0, ctx_len, MASK_ROWS):
+        q = np.arange(start, min(start + MASK_ROWS, ctx_len))
+        expected = slots[None] <= q[:, None]
+        if window is not None:
+            expected &= q[:, None] - slots[None] < window
+        if not np.array_equal(evaluate(q), expected):
+            raise RewriteNotApplicable(f"layer {layer}: its mask is neither causal nor a causal sliding window over "
+                                       f"ctx_len {ctx_len} (chunked or bidirectional attention?); GroupQueryAttention "
+                                       "expresses only those")
+    return window
+
+
 def _live(nodes: list, outputs: set[str]) -> list:
     """The nodes that some graph output depends on, in their order."""
     needed, keep = set(outputs), []
@@ -475,15 +623,23 @@ def graph_choice_key() -> str:
 def verify(plan: OrtGraphPlan, onnx_path: Path, folder: Path, ctx_len: int, prefill_seq_len: int,
            threads: int | None = None, decode_steps: int = 3) -> OrtGraphPlan:
     """Run the exported graph and the rewrite on ONNX Runtime with the same random prompt (a full prefill chunk
-    and a shorter one, then `decode_steps` decode steps, batch 1; slot 0 of a one-slot cache with continuous
-    batching) and record the largest logit difference; above
+    and a shorter one, or as many chunks as reach past the largest sliding window, then `decode_steps` decode steps,
+    batch 1; slot 0 of a one-slot cache with continuous batching) and record the largest logit difference; above
     TOLERANCE the exported graph runs instead (the rewritten file is removed)."""
     if plan.graph != "gqa":
         return plan
     P = prefill_seq_len
-    length = max(1, min(ctx_len - decode_steps - 1, P + max(1, P // 2)))
-    logits = next((o for o in onnx.load(str(folder / ORT_GRAPH), load_external_data=False).graph.output
-                   if o.name == "logits"), None)
+    graph = onnx.load(str(folder / ORT_GRAPH), load_external_data=False).graph
+    # a sliding window (GQA's local_window_size: W slots, the query's own included) acts from position W on: the
+    # check reaches past it
+    window = max((a.i for n in graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+                  if a.name == "local_window_size" and a.i >= 0), default=0)
+    length = max(1, min(ctx_len - decode_steps - 1, max(P + max(1, P // 2), window + 1)))
+    if window and length + decode_steps - 1 < window:
+        (folder / ORT_GRAPH).unlink()
+        return OrtGraphPlan("exported", f"exported graph kept: a sliding window of {window} acts only at positions "
+                                        f"the check within ctx_len {ctx_len} cannot reach")
+    logits = next((o for o in graph.output if o.name == "logits"), None)
     vocab = _dims(logits)[-1] if logits is not None else 0
     high = min(100, vocab) if isinstance(vocab, int) and vocab > 0 else 2  # ids every vocabulary has
     tokens = np.random.default_rng(0).integers(0, high, length + decode_steps, dtype=np.int64)

@@ -4,6 +4,7 @@ graphs it does not fit keep the exported graph and say why; a rewrite that disag
 used."""
 import json
 
+import numpy as np
 import onnx
 import pytest
 
@@ -166,3 +167,132 @@ def test_a_rotation_inside_the_op_that_disagrees_is_moved_back_outside(exported_
     graph = onnx.load(str(tmp_path / plan.path), load_external_data=False)
     assert all(a.i == 0 for n in graph.graph.node if n.op_type == "GroupQueryAttention"
                for a in n.attribute if a.name == "do_rotary")
+
+
+# ----------------------------------------------------------------------------- the generic path's attention
+# (model type, generic-path config overrides, windows and soft-capping the GQA nodes carry per layer); llama and
+# mistral have families: the generic path is forced by taking the type out of FAMILIES for the test. The windows
+# (6) are shorter than the 13-token prompt + 12 new tokens, so they act.
+GENERIC = [("qwen3", {}, [None, None], None), ("llama", {}, [None, None], None),
+           ("gemma2", {}, [6, None], 5.0), ("mistral", {}, [6, 6], None)]
+
+
+def _generic_model(monkeypatch, model_type, name, **options):
+    from qeff_lab.transforms.families import FAMILIES
+    from tests.transforms.test_generic_kv import tiny
+
+    if model_type in FAMILIES:
+        monkeypatch.delitem(FAMILIES, model_type)
+    model = QEFFAutoModelForCausalLM.from_model(tiny(model_type, seed=3), name, **options)
+    assert model.path == "generic"
+    return model
+
+
+def _gqa_attributes(model):
+    report = model.compile_result.ort_graph
+    graph = onnx.load(str(model.compile_result.folder / report["path"]), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert "GroupQueryAttention" in ops and not ops & {"CtxScatter", "CtxGather", "CtxScatterCB", "CtxGatherCB"}
+    nodes = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    return [a.get("local_window_size") for a in attrs], {a.get("softcap") for a in attrs}
+
+
+@pytest.mark.parametrize("model_type,overrides,windows,softcap", GENERIC)
+def test_generic_path_runs_the_gqa_graph_with_hf_greedy_tokens(model_type, overrides, windows, softcap, monkeypatch):
+    """Padded batch 2, a prompt (13) longer than the prefill chunk (8); sliding windows and soft-capping as GQA
+    attributes, the window read from the exported mask itself."""
+    from tests.transforms.test_generic_kv import hf_greedy as generic_hf_greedy, prompts as generic_prompts, tiny
+
+    prompt_ids = generic_prompts()
+    reference = generic_hf_greedy(tiny(model_type, seed=3), prompt_ids, NEW)
+    model = _generic_model(monkeypatch, model_type, f"tiny-{model_type}-generic-ort")
+    model.compile(prefill_seq_len=8, ctx_len=32, batch_size=2)
+    report = model.compile_result.ort_graph
+    assert report["graph"] == "gqa", report["why"]
+    assert report["layers"] == 2 and report["max_logit_diff"] < 1e-4 and report["nodes_after"] < report["nodes_before"]
+    assert _gqa_attributes(model) == (windows, {softcap})
+    assert type(model.runner()).__name__ == "OrtGqaKVSession"
+    assert model.generate_from_ids(prompt_ids, NEW).ids == reference
+
+
+def test_generic_continuous_batching_runs_the_gqa_graph(monkeypatch):
+    """gemma2 (a sliding and a full layer, soft-capping) on 2 slots, 5 prompts: CtxScatterCB/CtxGatherCB replaced,
+    HF greedy tokens."""
+    import torch
+
+    from tests.transforms.test_generic_kv import VOCAB, hf_greedy as generic_hf_greedy, tiny
+
+    g = torch.Generator().manual_seed(2)
+    prompt_ids = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 13, 8, 1, 11)]
+    reference = generic_hf_greedy(tiny("gemma2", seed=3), prompt_ids, NEW)
+    model = _generic_model(monkeypatch, "gemma2", "tiny-gemma2-generic-ort-cb", continuous_batching=True)
+    model.compile(prefill_seq_len=8, ctx_len=32, full_batch_size=2)
+    report = model.compile_result.ort_graph
+    assert report["graph"] == "gqa", report["why"]
+    assert _gqa_attributes(model) == ([6, None], {5.0})
+    runner = model.runner()
+    assert type(runner).__name__ == "OrtGqaKVSession" and runner.continuous_batching
+    out = model.generate_from_ids(prompt_ids, NEW)
+    assert out.ids == reference and max(r.slot for r in out.metrics.requests) == 1
+
+
+@pytest.fixture(scope="module")
+def exported_generic_qwen3():
+    from tests.transforms.test_generic_kv import tiny
+
+    return QEFFAutoModelForCausalLM.from_model(tiny("qwen3", seed=3), "tiny-qwen3-generic-ort-unit").export()
+
+
+def _change_mask(path, op, value):
+    """The exported graph with every score Add's mask replaced by op(mask, value)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    nodes = list(proto.graph.node)
+    softmax_inputs = {n.input[0] for n in nodes if n.op_type == "Softmax"}
+    const = onnx.helper.make_node("Constant", [], ["test/value"], value=onnx.numpy_helper.from_array(
+        np.array(value, np.float32)))
+    for mask in {n.input[1] for n in nodes if n.op_type == "Add" and n.output[0] in softmax_inputs}:
+        proto.graph.node.append(onnx.helper.make_node(op, [mask, "test/value"], [mask + "/changed"]))
+        for add in (n for n in nodes if n.op_type == "Add" and n.output[0] in softmax_inputs and n.input[1] == mask):
+            add.input[1] = mask + "/changed"
+    proto.graph.node.insert(0, const)
+    return ort_rewrite.rewrite_gqa(_sorted(proto), ctx_len=32)
+
+
+def _sorted(proto):
+    """Nodes in an order ONNX Runtime accepts (the appended ones after their inputs)."""
+    graph, done, order = proto.graph, {i.name for i in proto.graph.input} | {i.name for i in proto.graph.initializer}, []
+    pending = list(graph.node)
+    while pending:
+        ready = [n for n in pending if all(i in done or not i for i in n.input)]
+        order += ready
+        done.update(o for n in ready for o in n.output)
+        pending = [n for n in pending if n not in ready]
+    del graph.node[:]
+    graph.node.extend(order)
+    return proto
+
+
+def test_generic_masks_gqa_cannot_express_are_refused(exported_generic_qwen3):
+    """The mask is evaluated, not assumed: a bias in it (as ALiBi folds in) or a mask that lets every query see every
+    slot (bidirectional) keeps the exported graph, saying why."""
+    with pytest.raises(ort_rewrite.RewriteNotApplicable, match=r"values other than 0 and <= -10000 \(a bias"):
+        _change_mask(exported_generic_qwen3, "Add", 0.5)
+    with pytest.raises(ort_rewrite.RewriteNotApplicable, match="neither causal nor a causal sliding window"):
+        _change_mask(exported_generic_qwen3, "Mul", 0.0)
+    with pytest.raises(ort_rewrite.RewriteNotApplicable, match="proven for one ctx_len; none given"):
+        ort_rewrite.rewrite_gqa(onnx.load(str(exported_generic_qwen3), load_external_data=False))
+    model, layers = _change_mask(exported_generic_qwen3, "Mul", 1.0)  # the same mask: still rewritten
+    assert layers == 2
+
+
+def test_a_window_the_check_cannot_reach_keeps_the_exported_graph(monkeypatch, tmp_path):
+    """A window of 31 slots at ctx_len 32 acts only at position 31 (its first slot drops out); the check sequence
+    ends at 30: refused. At ctx_len 48 the check reaches past it and the rewrite is used."""
+    model = _generic_model(monkeypatch, "mistral", "tiny-mistral-generic-ort-w31")
+    model.model.config.sliding_window = 31
+    path = model.export()
+    plan = ort_rewrite.plan_ort_graph(path, tmp_path, SPECS)
+    assert plan.graph == "exported" and "sliding window of 31 acts only at positions" in plan.why, plan.why
+    plan = ort_rewrite.plan_ort_graph(path, tmp_path, [{**s, "ctx_len": 48} for s in SPECS])
+    assert plan.graph == "gqa" and plan.max_logit_diff < 1e-4, plan.why

@@ -33,8 +33,8 @@ MatMul(., v) -> Transpose/Reshape -> the output projection:
   ALiBi added to the scores, other soft-capping forms or score scaling change the score chain itself and are
   refused by the matcher. `verify` then runs a check sequence that reaches past the largest window (or keeps the
   exported graph when the window acts only at positions it cannot reach within ctx_len).
-  The generic path's rotary form (q/k rotated by Clip(Clip(position_ids))-gathered tables, rotate_half's slice
-  bounds computed from Shape) is not `_match_rope`'s: its rotation stays outside the op, as exported.
+  Its rotary form is `_match_rope`'s with two Clips on position_ids and rotate_half's split traced from the
+  shape (x.shape[-1] // 2), so the rotation moves into the op there too.
 
 A graph the pattern does not match (no CtxScatter/CtxGather attention, a different score chain, batch_index read
 by something else) is left as exported: `plan_ort_graph` says which graph runs and why. The rewrite is then checked against
@@ -340,7 +340,7 @@ def _ints(name: str, producers, depth: int = 0) -> list[int] | None:
 
 def _match_rope(x_rot: str, producers) -> tuple[str, str, str] | None:
     """(x, cos table, sin table) when x_rot = x * cos + rotate_half(x) * sin, with rotate_half(x) =
-    concat(-x[..., R/2:], x[..., :R/2]) and cos/sin = Unsqueeze(Cast?(Gather(table, Clip?(position_ids)))) over
+    concat(-x[..., R/2:], x[..., :R/2]) and cos/sin = Unsqueeze(Cast?(Gather(table, Clip*(position_ids)))) over
     [positions, R] tables, R the whole head or (partial rotary) concat(rotated x[..., :R], x[..., R:]); None for
     any other form (the rotation then stays outside the op, as exported)."""
     node = producers.get(x_rot)
@@ -388,6 +388,8 @@ def _match_rope(x_rot: str, producers) -> tuple[str, str, str] | None:
         return None
     h_start, l_start, l_end = (_ints(n, producers) for n in (high.input[1], low.input[1], low.input[2]))
     h_axes, l_axes = _ints(high.input[3], producers), _ints(low.input[3], producers)
+    if l_end is None and h_start is None and all(_half_last_dim(n, x, producers) for n in (low.input[2], high.input[1])):
+        l_end = h_start = ["x.shape[-1] // 2"]  # the generic path: rotate_half's split traced from x's shape
     if not (l_start == [0] and l_end and h_start == l_end and h_axes in ([3], [-1]) and l_axes in ([3], [-1])):
         return None
     if any(len(n.input) > 4 and _ints(n.input[4], producers) not in (None, [1]) for n in (high, low)):
@@ -400,7 +402,7 @@ def _axis(node) -> int | None:
 
 
 def _position_table(name: str, producers) -> str | None:
-    """The table name when `name` is Unsqueeze(axes [1]) of Cast-to-float?(Gather(table, Clip?(position_ids)))."""
+    """The table name when `name` is Unsqueeze(axes [1]) of Cast-to-float?(Gather(table, Clip*(position_ids)))."""
     node = producers.get(name)
     if node is None or node.op_type != "Unsqueeze" or _ints(node.input[1], producers) != [1]:
         return None
@@ -412,10 +414,26 @@ def _position_table(name: str, producers) -> str | None:
     if node is None or node.op_type != "Gather" or any(a.name == "axis" and a.i != 0 for a in node.attribute):
         return None
     index = node.input[1]
-    clip = producers.get(index)
-    if clip is not None and clip.op_type == "Clip":
-        index = clip.input[0]
+    while producers.get(index) is not None and producers[index].op_type == "Clip":  # generic path: two clamps
+        index = producers[index].input[0]
     return node.input[0] if index == POSITION_IDS else None
+
+
+def _half_last_dim(name: str, x: str, producers) -> bool:
+    """Whether `name` is Unsqueeze(axes [0]) of Cast*(Div(Gather(Shape(x), 3 or -1), 2)): x.shape[-1] // 2 as the
+    TorchScript exporter traces rotate_half's split on the generic path (x's last dimension, not a constant)."""
+    node = producers.get(name)
+    if node is None or node.op_type != "Unsqueeze" or _ints(node.input[1], producers) != [0]:
+        return False
+    node = producers.get(node.input[0])
+    while node is not None and node.op_type == "Cast":
+        node = producers.get(node.input[0])
+    if node is None or node.op_type != "Div" or _ints(node.input[1], producers) != [2]:
+        return False
+    gather, shape = producers.get(node.input[0]), None
+    if gather is not None and gather.op_type == "Gather" and _ints(gather.input[1], producers) in ([3], [-1]):
+        shape = producers.get(gather.input[0])
+    return shape is not None and shape.op_type == "Shape" and shape.input[0] == x and not shape.attribute
 
 
 def _table_values(graph, name: str, weights_dir: Path | None, producers) -> np.ndarray | None:

@@ -172,7 +172,8 @@ def test_a_rotation_inside_the_op_that_disagrees_is_moved_back_outside(exported_
 # ----------------------------------------------------------------------------- the generic path's attention
 # (model type, generic-path config overrides, windows and soft-capping the GQA nodes carry per layer); llama and
 # mistral have families: the generic path is forced by taking the type out of FAMILIES for the test. The windows
-# (6) are shorter than the 13-token prompt + 12 new tokens, so they act.
+# (6) are shorter than the 13-token prompt + 12 new tokens, so they act. The rotary embedding moves into the op
+# (head_dim 16: R/2 = 8).
 GENERIC = [("qwen3", {}, [None, None], None), ("llama", {}, [None, None], None),
            ("gemma2", {}, [6, None], 5.0), ("mistral", {}, [6, 6], None)]
 
@@ -212,6 +213,7 @@ def test_generic_path_runs_the_gqa_graph_with_hf_greedy_tokens(model_type, overr
     assert report["graph"] == "gqa", report["why"]
     assert report["layers"] == 2 and report["max_logit_diff"] < 1e-4 and report["nodes_after"] < report["nodes_before"]
     assert _gqa_attributes(model) == (windows, {softcap})
+    assert report["rotary_layers"] == 2 and "rotary inside the op in 2" in report["why"]
     assert type(model.runner()).__name__ == "OrtGqaKVSession"
     assert model.generate_from_ids(prompt_ids, NEW).ids == reference
 

@@ -20,7 +20,8 @@ with seq_len 1; the runner splits padded prefill per row and sends finished rows
 
 Two attention forms are matched, both MatMul(q, Transpose(k)) -> Mul(scale) -> ... -> Softmax -> Cast* ->
 MatMul(., v) -> Transpose/Reshape -> the output projection:
-- the family blocks (transforms.kv_cache.cached_attention): the gathered context itself, Where(mask) on the scores;
+- the family blocks (transforms.kv_cache.cached_attention): the gathered context itself, Where(masked, fill,
+  scores) with a boolean mask (its sliding window, Mistral / Qwen2, proven and expressed as below);
 - the generic path (transforms.generic: the model's own eager_attention_forward): repeat_kv's Unsqueeze(axes 2) ->
   Expand -> Reshape on the gathered keys/values (each kv head serves consecutive query heads, GQA's grouping),
   optional soft-capping tanh(x / c) * c (GQA's `softcap`), then Add(mask) with an additive float mask.
@@ -193,8 +194,17 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         users = consumers.get(mul.output[0], [])
         window, softcap = None, 0.0
         if len(users) == 1 and users[0].op_type == "Where":  # the family blocks (kv_cache.cached_attention)
-            chain.append(users[0])
-            probs = users[0].output[0]
+            where = users[0]
+            fill = _scalar(g, where.input[1], producers)
+            if where.input[2] != mul.output[0] or fill is None or fill > MASK_VALUE:
+                raise RewriteNotApplicable(f"layer {layer}: the scores are masked by a Where other than "
+                                           f"Where(masked, <= {MASK_VALUE:g}, scores)")
+            if where.input[0] not in mask_windows:  # its windows (sliding-window families) are proven as well
+                mask_windows[where.input[0]] = _mask_window(model, where.input[0], ctx_len, weights_dir, layer,
+                                                            boolean=True)
+            window = mask_windows[where.input[0]]
+            chain.append(where)
+            probs = where.output[0]
         else:  # the generic path (the model's own eager_attention_forward): an additive mask of the model's own
             softcap, capped = _softcap(g, consumers, producers, mul.output[0], layer)
             add = _only_consumer(consumers, capped[-1].output[0] if capped else mul.output[0], "Add")
@@ -511,21 +521,23 @@ MASK_ROWS = 256  # query positions per ONNX Runtime call when the generic path's
 
 
 def _mask_window(model: onnx.ModelProto, mask: str, ctx_len: int | None, weights_dir: Path | None,
-                 layer: str) -> int | None:
-    """The sliding window of the generic path's additive mask (None: plain causal within ctx_len), proven by
-    evaluating it: the mask's subgraph runs on ONNX Runtime for query positions 0 .. ctx_len - 1 against every
-    slot, and must be 0 exactly where kv <= q (and q - kv < W) and <= MASK_VALUE elsewhere. Anything else
-    (chunked attention, a bidirectional part, an ALiBi bias folded into the mask) is refused."""
+                 layer: str, boolean: bool = False) -> int | None:
+    """The sliding window of an attention mask (None: plain causal within ctx_len), proven by evaluating it: the
+    mask's subgraph runs on ONNX Runtime for query positions 0 .. ctx_len - 1 against every slot. The generic
+    path's additive mask must be 0 exactly where kv <= q (and q - kv < W) and <= MASK_VALUE elsewhere; a family's
+    boolean mask (`boolean`: True = masked) False exactly there. Anything else (chunked attention, a bidirectional
+    part, an ALiBi bias folded into the mask) is refused."""
     import onnxruntime as ort
 
     if ctx_len is None:
-        raise RewriteNotApplicable(f"layer {layer}: the generic path's mask is proven for one ctx_len; none given")
+        raise RewriteNotApplicable(f"layer {layer}: the attention mask is proven for one ctx_len; none given")
     g = model.graph
     nodes = _live(list(g.node), {mask})
     read = {i for n in nodes for i in n.input}
     inputs = [i for i in g.input if i.name in read]
     sub = helper.make_model(
-        helper.make_graph(nodes, "mask", inputs, [helper.make_tensor_value_info(mask, TensorProto.FLOAT, None)],
+        helper.make_graph(nodes, "mask", inputs, [helper.make_tensor_value_info(
+            mask, TensorProto.BOOL if boolean else TensorProto.FLOAT, None)],
                           [i for i in g.initializer if i.name in read]),
         opset_imports=list(model.opset_import), functions=list(model.functions), ir_version=model.ir_version)
     try:
@@ -538,7 +550,7 @@ def _mask_window(model: onnx.ModelProto, mask: str, ctx_len: int | None, weights
     if unknown:
         raise RewriteNotApplicable(f"layer {layer}: its mask reads {unknown}, not only the positions")
 
-    def evaluate(q: np.ndarray) -> np.ndarray:  # allowed [len(q), ctx_len] for query positions q
+    def evaluate(q: np.ndarray) -> np.ndarray:  # allowed [copies, len(q), ctx_len] for query positions q
         feeds = {}
         for i in inputs:
             if i.name == POSITION_IDS:
@@ -550,24 +562,31 @@ def _mask_window(model: onnx.ModelProto, mask: str, ctx_len: int | None, weights
             else:  # past_*: one row of ctx_len slots
                 feeds[i.name] = np.zeros((1, _dims(i)[1], ctx_len, _dims(i)[3]), np.float32)
         m = sess.run([mask], feeds)[0]
-        if m.shape[-2:] != (len(q), ctx_len) or m.size != len(q) * ctx_len:
-            raise RewriteNotApplicable(f"layer {layer}: its mask has shape {list(m.shape)}, not one [S, ctx_len] "
-                                       "for every head")
-        m = m.reshape(len(q), ctx_len)
-        if not np.all((m == 0) | (m <= MASK_VALUE)):
+        if m.shape[-1] != ctx_len or m.size % (len(q) * ctx_len):
+            raise RewriteNotApplicable(f"layer {layer}: its mask has shape {list(m.shape)}, not [.., S, ctx_len]")
+        if not boolean and not np.all((m == 0) | (m <= MASK_VALUE)):
             raise RewriteNotApplicable(f"layer {layer}: its additive mask holds values other than 0 and <= "
                                        f"{MASK_VALUE:g} (a bias such as ALiBi); GroupQueryAttention takes none")
-        return m == 0
+        allowed = ~m if boolean else m == 0
+        return allowed.reshape(-1, ctx_len)
+
+    def same(allowed: np.ndarray, expected: np.ndarray) -> bool:
+        """Every copy of the rows (per head, or the family's heads folded into the sequence axis, either order) is
+        the expected one."""
+        k, n = allowed.shape[0] // len(expected), len(expected)
+        return (np.array_equal(allowed.reshape(k, n, ctx_len), np.broadcast_to(expected, (k, n, ctx_len)))
+                or np.array_equal(allowed.reshape(n, k, ctx_len), np.broadcast_to(expected[:, None], (n, k, ctx_len))))
 
     slots = np.arange(ctx_len)
-    count = int(evaluate(np.array([ctx_len - 1]))[0].sum())  # the last position sees W slots, or all with no window
+    last = evaluate(np.array([ctx_len - 1]))  # the last position sees W slots, or all with no window acting
+    count = int(last[0].sum())
     window = count if count < ctx_len else None
     for start in range(0, ctx_len, MASK_ROWS):
         q = np.arange(start, min(start + MASK_ROWS, ctx_len))
         expected = slots[None] <= q[:, None]
         if window is not None:
             expected &= q[:, None] - slots[None] < window
-        if not np.array_equal(evaluate(q), expected):
+        if not same(evaluate(q), expected):
             raise RewriteNotApplicable(f"layer {layer}: its mask is neither causal nor a causal sliding window over "
                                        f"ctx_len {ctx_len} (chunked or bidirectional attention?); GroupQueryAttention "
                                        "expresses only those")

@@ -139,7 +139,7 @@ def test_a_batch_index_read_outside_attention_is_refused(exported_llama_cb):
     proto.graph.node.append(onnx.helper.make_node("Identity", ["batch_index"], ["slot_out"]))
     proto.graph.output.append(onnx.helper.make_tensor_value_info("slot_out", onnx.TensorProto.INT64, None))
     with pytest.raises(ort_rewrite.RewriteNotApplicable, match=r"batch_index also read by \['Identity'\]"):
-        ort_rewrite.rewrite_gqa(proto)
+        ort_rewrite.rewrite_gqa(proto, ctx_len=32)
 
 
 def test_graphs_without_the_pattern_are_refused_with_the_reason(exported_llama, tmp_path):
@@ -282,7 +282,7 @@ def test_generic_masks_gqa_cannot_express_are_refused(exported_generic_qwen3):
         _change_mask(exported_generic_qwen3, "Add", 0.5)
     with pytest.raises(ort_rewrite.RewriteNotApplicable, match="neither causal nor a causal sliding window"):
         _change_mask(exported_generic_qwen3, "Mul", 0.0)
-    with pytest.raises(ort_rewrite.RewriteNotApplicable, match="proven for one ctx_len; none given"):
+    with pytest.raises(ort_rewrite.RewriteNotApplicable, match="mask is proven for one ctx_len; none given"):
         ort_rewrite.rewrite_gqa(onnx.load(str(exported_generic_qwen3), load_external_data=False))
     model, layers = _change_mask(exported_generic_qwen3, "Mul", 1.0)  # the same mask: still rewritten
     assert layers == 2
@@ -298,3 +298,21 @@ def test_a_window_the_check_cannot_reach_keeps_the_exported_graph(monkeypatch, t
     assert plan.graph == "exported" and "sliding window of 31 acts only at positions" in plan.why, plan.why
     plan = ort_rewrite.plan_ort_graph(path, tmp_path, [{**s, "ctx_len": 48} for s in SPECS])
     assert plan.graph == "gqa" and plan.max_logit_diff < 1e-4, plan.why
+
+
+@pytest.mark.parametrize("family,overrides,windows", [
+    ("mistral", {"sliding_window": 6}, [6, 6]),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}, [None, 6])])
+def test_family_sliding_windows_become_gqa_windows(family, overrides, windows):
+    """The family blocks' sliding windows (a boolean Where mask) are proven over ctx_len like the generic path's and
+    carried as local_window_size; before, the op attended the whole context and only verify (when its check sequence
+    reached past the window) kept the exported graph."""
+    hf = tiny_model(family, seed=3, **overrides)
+    prompt_ids = prompts(lengths=LENGTHS)
+    reference = hf_greedy(hf, prompt_ids, NEW)
+    model = QEFFAutoModelForCausalLM.from_model(tiny_model(family, seed=3, **overrides), f"tiny-{family}-ort-window")
+    model.compile(prefill_seq_len=8, ctx_len=32, batch_size=2)
+    report = model.compile_result.ort_graph
+    assert report["graph"] == "gqa", report["why"]
+    assert _gqa_attributes(model) == (windows, {None})
+    assert model.generate_from_ids(prompt_ids, NEW).ids == reference

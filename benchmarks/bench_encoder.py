@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import Machine, measure_until_stable
@@ -52,14 +51,17 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=3, help="samples per round (a median each)")
     parser.add_argument("--max-rounds", type=int, default=5, help="rounds before giving up on stability")
     args = parser.parse_args()
+    # the load average before this benchmark's own heavy imports (torch, sentence-transformers), which would
+    # otherwise count as another process competing; the thread count is filled in once torch says it
+    machine = Machine.start(os.cpu_count() or 1)
 
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from qeff_lab import QEFFAutoModel
     from qeff_lab.loading import resolve
 
-    threads = torch.get_num_threads()
-    machine = Machine.start(threads)
+    threads = machine.threads = torch.get_num_threads()
     os.environ["QEFF_LAB_THREADS"] = str(threads)
     texts = corpus(args.n)
     st = SentenceTransformer(str(resolve(MODEL).path), device="cpu")
@@ -79,6 +81,7 @@ def main() -> None:
     print(machine)
     print(f"sentences: {args.n}, batch {args.batch_size}, threads {threads}, backend {model.compile_result.backend}, "
           f"seq_len buckets {model.seq_lens}")
+    print(f"compile: {model.compile_result.reason}")
     print(f"min cosine vs sentence-transformers: {cos.min():.6f}")
     print(f"sentence-transformers.encode: {st_rate.value:8.1f} sentences/s  [{st_rate.note}]")
     print(f"qeff_lab (compiled):          {q_rate.value:8.1f} sentences/s  [{q_rate.note}]")

@@ -15,6 +15,7 @@ import onnx
 import qeff_lab
 from qeff_lab.compile.command import QPC_DIR, QPC_FILE, Plan, plan_compile
 from qeff_lab.compile.options import OPTIONS, CompileOptionError, CompileOptions, validate_options
+from qeff_lab.compile import ort_encoder
 from qeff_lab.compile.ort_rewrite import graph_choice_key, ort_graph_summary, plan_ort_graph
 from qeff_lab.compile.runner import CompileError, FailureContext, explain_failure, make_sink, run_streaming
 from qeff_lab.compile.sdk import ROOT_ENV, SdkInfo, detect_sdk
@@ -76,8 +77,8 @@ class CompileResult(HtmlRepr):
 
     @property
     def ort_graph(self) -> dict | None:
-        """The embedded backend's own compile result: which graph it runs and why (qeff_lab.compile.ort_rewrite);
-        None for the qaic backend."""
+        """The embedded backend's own compile result: which graph it runs and why (qeff_lab.compile.ort_rewrite for
+        decoders, qeff_lab.compile.ort_encoder for encoders); None for the qaic backend."""
         return self.qconfig.get("ort_graph") if self.backend == "onnxruntime" and not self.dry_run else None
 
     def __repr__(self) -> str:
@@ -257,8 +258,9 @@ def compile_graph(
         "sdk_version": sdk.version if compiles else None,
     }
     runs_ort = used == "onnxruntime" and not opts.dry_run
+    encoder = ort_encoder.is_encoder_compile(specializations)  # its own rewrite (compile/ort_encoder.py)
     if runs_ort:
-        key["ort_graph"] = graph_choice_key()
+        key["ort_graph"] = ort_encoder.graph_choice_key() if encoder else graph_choice_key()
     kind = "dryrun" if opts.dry_run else used
     parent = Path(opts.compile_dir) if opts.compile_dir else cache_root() / "compile"
     folder = parent / f"{kind}-{fingerprint(key)}"
@@ -277,7 +279,8 @@ def compile_graph(
         qconfig = _qconfig(model_info, opts, used, reason, onnx_path, key, specializations, spec_names, custom_io,
                            plan, sdk, command)
         if runs_ort:  # the embedded backend's own compile result (the graph for the device is unchanged)
-            qconfig["ort_graph"] = plan_ort_graph(onnx_path, tmp, specializations).to_json()
+            plan_graph = ort_encoder.plan_encoder_graph if encoder else plan_ort_graph
+            qconfig["ort_graph"] = plan_graph(onnx_path, tmp, specializations).to_json()
         (tmp / QCONFIG).write_text(json.dumps(qconfig, indent=2, default=str) + "\n")
         if compiles:
             _run_compiler(plan, onnx_path, tmp, folder, opts, sdk, ran)
@@ -288,7 +291,8 @@ def compile_graph(
         shutil.rmtree(folder, ignore_errors=True)
         raise CompileError(f"{folder} has no complete QPC after compiling; it was removed. Compile again.")
     if runs_ort:  # which graph the embedded backend runs, also for a reused folder
-        reason = f"{reason}; {ort_graph_summary(json.loads((folder / QCONFIG).read_text()).get('ort_graph', {}))}"
+        graph = json.loads((folder / QCONFIG).read_text()).get("ort_graph", {})
+        reason = f"{reason}; {(ort_encoder.summary if graph.get('graph') == 'packed' else ort_graph_summary)(graph)}"
     return CompileResult(folder, used, reason, specializations, command, reused, onnx_path, opts.dry_run,
                          spec_names, custom_io, opts, sdk, ran["seconds"])
 

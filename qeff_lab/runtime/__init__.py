@@ -24,6 +24,10 @@ def open_session(compile_result, *, device_ids: list[int] | None = None, threads
                              "ONNX Runtime backend (CPU). Leave device_ids out, or compile with backend='qaic'.")
         from qeff_lab.runtime.session import OrtSession
 
+        graph = getattr(compile_result, "ort_graph", None) or {}
+        if graph.get("graph") == "packed":  # the embedded backend's encoder rewrite (qeff_lab.compile.ort_encoder)
+            return OrtSession(compile_result.folder / graph["path"], compile_result.specializations, threads=threads,
+                              external_data_dir=compile_result.onnx_path.parent)
         return OrtSession(compile_result.onnx_path, compile_result.specializations, threads=threads)
     raise ValueError(f"No session for backend {backend!r}: expected 'qaic' or 'onnxruntime'.")
 

@@ -86,6 +86,7 @@ class OrtSession:
         self.creation = {"seconds": round(time.perf_counter() - start, 3), "peak_rss_gb": round(rss.peak / 1e9, 3),
                          "rss_increase_gb": round((rss.peak - rss.before) / 1e9, 3),
                          "weights_gb": round(weights / 1e9, 3), "weights_mapped": bool(map_weights)}
+        self.onnx_path = Path(onnx_path)  # the graph it runs (the exported one, or the embedded backend's own)
         self.allowed = allowed or []
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -25,7 +25,7 @@ RUNTIMES = ("compiled", "pytorch")
 def supported_families() -> str:
     """The hand-written families; every other decoder whose attention goes through transformers' interfaces
     takes the generic path (see qeff_lab.transforms.generic.check_support)."""
-    return ", ".join(f"{f.name} ({f.model_type})" for f in FAMILIES.values())
+    return ", ".join(f"{f.name} ({f.model_type})" for f in sorted(FAMILIES.values(), key=lambda f: f.name.lower()))
 
 
 class KVExportWrapper(nn.Module):

@@ -120,5 +120,5 @@ def test_unsupported_architecture_fails_clearly():
     from qeff_lab import QEFFAutoModelForCausalLM
 
     bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(UnsupportedModelError, match=r"'bert'.*an encoder.*families Llama \(llama\), Mistral"):
+    with pytest.raises(UnsupportedModelError, match=r"'bert'.*an encoder.*families .*Llama \(llama\), Mistral"):
         QEFFAutoModelForCausalLM.from_model(bert)

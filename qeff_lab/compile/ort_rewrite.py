@@ -145,7 +145,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
     new_nodes: list[tuple[onnx.NodeProto, list[onnx.NodeProto]]] = []  # (insert before this node, nodes)
 
     rope_caches: dict[tuple[str, str], tuple[str, str]] = {}  # (cos table, sin table) -> GQA's cos/sin caches
-    known = {**producers, **{i.name: helper.make_node("Constant", [], [i.name], value=i) for i in g.initializer
+    with_constants = {**producers, **{i.name: helper.make_node("Constant", [], [i.name], value=i) for i in g.initializer
                              if i.data_location != TensorProto.EXTERNAL and len(i.dims) <= 1 and
                              (not i.dims or i.dims[0] <= 8)}}  # small initializers read as constants
     mask_windows: dict[str, int | None] = {}  # generic path: additive mask -> its sliding window (None: causal)
@@ -252,7 +252,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             raise RewriteNotApplicable(f"layer {layer}: head sizes are not static ({kv_heads}, {head_dim}, {hidden})")
         tag = f"gqa/{layer}"
         k = scatters[past_key].input[-1]  # the updates: the last input of both scatter kinds
-        q_rope, k_rope = (_match_rope(q, known), _match_rope(k, known)) if rotary else (None, None)
+        q_rope, k_rope = (_match_rope(q, with_constants), _match_rope(k, with_constants)) if rotary else (None, None)
         caches = []  # GQA's cos_cache / sin_cache inputs when the rotation moves into the op
         if q_rope is not None and k_rope is not None and q_rope[1:] == k_rope[1:]:
             tables = q_rope[1:]
@@ -288,12 +288,12 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         if id(n) not in drop:
             nodes.append(n)
     nodes = _live(nodes, {o.name for o in g.output})
-    known = {i.name for i in g.input} | {i.name for i in g.initializer} | {SEQLENS_K, ""}
+    defined = {i.name for i in g.input} | {i.name for i in g.initializer} | {SEQLENS_K, ""}
     for n in nodes:  # a removed tensor still read elsewhere (a Shape of the gathered context used by another part)
-        missing = [i for i in n.input if i not in known]
+        missing = [i for i in n.input if i not in defined]
         if missing:
             raise RewriteNotApplicable(f"{n.name or n.op_type} still reads {missing[0]}, which the rewrite removes")
-        known.update(n.output)
+        defined.update(n.output)
     if BATCH_INDEX in inputs:  # continuous batching: cache row r is slot r, the runner binds the slots' rows
         still = sorted({n.op_type for n in nodes if BATCH_INDEX in n.input})
         if still:

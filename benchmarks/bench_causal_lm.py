@@ -8,6 +8,8 @@ prompts, same process, same thread count. EOS is ignored everywhere, so every ru
   reads) against an fp32 matrix-vector product over 256 MiB on this machine with the same threads;
 - time to first token for a 16-token and a 128-token prompt (compiled with prefill_seq_len 128; the GQA graph
   runs only a prompt's real tokens, so a short prompt does not pay for the padding).
+- the bound each figure has on this machine: the graph's weight MatMuls alone in ONNX Runtime, one row (a decode
+  step) and 16 / 128 rows (a prefill), same shapes and session options (benchmarks/_floors.py).
 Each figure is measured until two consecutive medians agree within 5% (benchmarks/_machine.py), or says it could
 not; the machine line gives the CPU and the load average before and after.
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _floors import MatMulFloor
 from _machine import Machine, measure_until_stable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -169,7 +172,7 @@ def main() -> None:
     from qeff_lab import QEFFAutoModelForCausalLM
     from qeff_lab.runtime.kv_session import OrtKVSession
 
-    bar = tqdm(total=9, desc="bench", unit="step")
+    bar = tqdm(total=10, desc="bench", unit="step")
     model = QEFFAutoModelForCausalLM.from_pretrained(MODEL)
     tok = model.tokenizer
     chats = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
@@ -219,6 +222,16 @@ def main() -> None:
     bar.update(1)
     bandwidth, bw_m = matvec_bandwidth(args.threads)
     bar.update(1)
+    # the graph's weight MatMuls alone in ONNX Runtime (the LM head on one row: the graph computes only the last
+    # position's logits): what no graph on these kernels can beat (benchmarks/_floors.py)
+    result = model.compile_result
+    graph_path = result.folder / graph["path"] if graph.get("graph") == "gqa" else result.onnx_path
+    vocab = hf.config.vocab_size
+    mm = MatMulFloor(graph_path, result.onnx_path.parent, args.threads, one_row=lambda k, n: n == vocab)
+    figs["matmuls_1"] = stable(lambda: mm.seconds(1))
+    for n in ttft_prompts:
+        figs[f"matmuls_{n}"] = stable(lambda n=n: mm.seconds(n))
+    bar.update(1)
     bar.close()
 
     # the compared runs produce the same tokens (greedy, EOS ignored)
@@ -262,12 +275,26 @@ def main() -> None:
               f"(goal >= 1.5x); its tokens equal HF's: {peer_same}")
     else:
         print(f"  onnxruntime-genai peer skipped (not installed): {GENAI_HINT}")
+    step = v["matmuls_1"]
+    print(f"ONNX Runtime's fp32 MatMuls alone ({mm.describe()}, same shapes and session options as the graph; "
+          "no graph on these kernels is faster):")
+    print(f"  one row (a decode step): {step * 1e3:.1f} ms -> {1 / step:.1f} steps/s, "
+          f"{mm.weight_bytes / step / 1e9:.1f} GB/s ({1 / step / floor:.0%} of the weight-read floor); qeff_lab's "
+          f"decode runs at {v['decode_1_gqa'] * step:.0%} of it. Bound on this machine: decode batch 1 at most "
+          f"{1 / step / v['decode_1_hf']:.2f}x HF" + (f", {1 / step / v['decode_1_genai']:.2f}x onnxruntime-genai"
+                                                      if peer else ""))
+    for n in ttft_prompts:
+        t = v[f"matmuls_{n}"]
+        flops = sum(f * (n if x.endswith("rows") else 1) for x, f in mm.flops_per_row.items())
+        print(f"  {n:3d} rows (a {n}-token prefill): {t * 1e3:.1f} ms ({flops / t / 1e9:.0f} GFLOP/s); qeff_lab's "
+              f"TTFT is {v[f'ttft_{n}_gqa'] / t:.2f}x it. Bound: TTFT at least {t / v[f'ttft_{n}_hf']:.2f}x HF's")
     print(f"same tokens as HF greedy: batch 1 {same_1}, padded batch {same_b} ({args.batch} rows)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": MODEL, "machine": machine.to_json(), "graph": graph, "tokens": args.tokens,
                        "ctx_len": args.ctx_len, "weight_bytes_per_step": per_token,
                        "matvec_bandwidth_GBps": bandwidth / 1e9, "floor_steps_per_s": floor,
+                       "weight_matmuls": {"count": mm.count, "weight_bytes": mm.weight_bytes},
                        "figures": {k: {"value": m.value, "medians": m.medians, "stable": m.stable}
                                    for k, m in figs.items()},
                        "same_tokens": {"batch_1": same_1, "padded_batch": same_b, "genai": peer_same}},

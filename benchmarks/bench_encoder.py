@@ -3,7 +3,8 @@
 Same sentences (a mix of lengths), same process, same batch size (32), same thread count; qeff_lab compiled with
 device-style seq_len buckets (each batch padded to the smallest bucket that fits). Reported as a ratio, each
 rate measured until two consecutive medians agree within 5% (benchmarks/_machine.py) or saying it could not,
-with the machine line (CPU, threads, load average before and after).
+with the machine line (CPU, threads, load average before and after), and the bound on this machine: the graph's
+weight MatMuls alone in ONNX Runtime on the same rows (benchmarks/_floors.py).
 Run: make bench   (or .venv/bin/python benchmarks/bench_encoder.py [--n 1024] [--per-round 3] [--max-rounds 5])
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _floors import MatMulFloor
 from _machine import Machine, measure_until_stable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,6 +44,17 @@ def rate(fn, n: int):
         fn()
         return n / (time.perf_counter() - t)
     return sample
+
+
+def matmul_rows(model, texts: list[str], batch_size: int, packed: bool) -> list[int]:
+    """The rows each batch of model.embed(texts) gives its weight MatMuls: embed's grouping (longest first, batches
+    of batch_size) with the real tokens of a batch on the packed-token graph, batch x bucket otherwise."""
+    ids = model.tokenizer(texts, truncation=True, max_length=max(model.seq_lens))["input_ids"]
+    lengths = sorted((len(x) for x in ids), reverse=True)
+    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    if packed:
+        return [sum(b) for b in batches]
+    return [len(b) * min(s for s in model.seq_lens if s >= b[0]) for b in batches]
 
 
 def main() -> None:
@@ -77,6 +90,14 @@ def main() -> None:
 
     st_rate = stable(lambda: st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True))
     q_rate = stable(lambda: model.embed(texts))
+    # the bound: the graph's weight MatMuls alone, on the rows embed() gives them batch by batch (real tokens
+    # only on the packed-token graph, the padded bucket otherwise)
+    result = model.compile_result
+    packed = (result.ort_graph or {}).get("graph") == "packed"
+    mm = MatMulFloor(result.folder / result.ort_graph["path"] if packed else result.onnx_path,
+                     None if packed else result.onnx_path.parent, threads)
+    rows = matmul_rows(model, texts, args.batch_size, packed)
+    mm_rate = stable(lambda: args.n / sum(mm.seconds(r) for r in rows))
     machine.finish()
     print(machine)
     print(f"sentences: {args.n}, batch {args.batch_size}, threads {threads}, backend {model.compile_result.backend}, "
@@ -86,6 +107,11 @@ def main() -> None:
     print(f"sentence-transformers.encode: {st_rate.value:8.1f} sentences/s  [{st_rate.note}]")
     print(f"qeff_lab (compiled):          {q_rate.value:8.1f} sentences/s  [{q_rate.note}]")
     print(f"ratio qeff_lab / sentence-transformers: {q_rate.value / st_rate.value:.2f}x (goal >= 1.2x)")
+    flops = sum(f * sum(rows) for f in mm.flops_per_row.values())
+    print(f"ONNX Runtime's fp32 MatMuls alone ({mm.describe()}, {sum(rows)} rows in {len(rows)} batches, "
+          f"{flops / 1e9:.0f} GFLOP): {mm_rate.value:8.1f} sentences/s [{mm_rate.note}] "
+          f"({flops * mm_rate.value / args.n / 1e9:.0f} GFLOP/s); qeff_lab runs at {q_rate.value / mm_rate.value:.0%} "
+          f"of it. Bound on this machine: at most {mm_rate.value / st_rate.value:.2f}x sentence-transformers")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,12 @@ ONNX Runtime runs it (`qeff_lab.runtime.ort_gqa_session`). What changes at its i
 GQA needs contiguous positions per row (no -1 padding inside a call) and ORT's CPU kernel takes batch > 1 only
 with seq_len 1; the runner splits padded prefill per row and sends finished rows to a spare slot.
 
-Two attention forms are matched, both MatMul(q, Transpose(k)) -> Mul(scale) -> ... -> Softmax -> Cast* ->
-MatMul(., v) -> Transpose/Reshape -> the output projection:
+Two attention forms are matched, both MatMul(q, Transpose(k)) -> Mul(scale) (or Div(sqrt(d)), or no scaling) ->
+... -> Softmax -> Cast* -> MatMul(., v) -> Transpose/Reshape -> the output projection (MatMul, or Gemm as gpt2's
+Conv1D exports), fp32 casts of the fp32 cache and query skipped. Where a Shape reads the context on its way to
+the projection, or something else comes first (a gate, a norm), GQA's output is turned back into the context
+[B, H, S, D] under the context's own name and everything after it runs as exported (the head count then comes
+from the first projection downstream; `verify` catches a wrong one):
 - the family blocks (transforms.kv_cache.cached_attention): the gathered context itself, Where(masked, fill,
   scores) with a boolean mask (its sliding window, Mistral / Qwen2, proven and expressed as below);
 - the generic path (transforms.generic: the model's own eager_attention_forward): repeat_kv's Unsqueeze(axes 2) ->
@@ -55,8 +59,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, MASK_VALUE, POSITION_IDS, RETAINED_SUFFIX
 
 # part of the compile key: a change here makes a new compile folder (2: continuous batching, rotary inside the op;
-# 3: the generic path's attention)
-REWRITE_VERSION = "gqa-3"
+# 3: the generic path's attention; 4: Div-scaled or unscaled scores, fp32 casts, a context rebuilt for what follows)
+REWRITE_VERSION = "gqa-4"
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
@@ -180,23 +184,34 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         # scores = MatMul(q, Transpose(keys)) -> Mul(scale) -> the family's Where(mask) or the generic path's
         # [Div/Tanh/Mul soft-capping] -> Add(mask) -> Softmax -> Cast* -> MatMul(., values); keys / values are the
         # gathered context, or (generic path) its repeat_kv expansion to the query heads
-        keys, k_repeat = _repeat_kv(consumers, gathers[past_key].output[0], layer, producers)
-        values, v_repeat = _repeat_kv(consumers, gathers[past_value].output[0], layer, producers)
+        # fp32 casts of the fp32 cache (models that upcast attention, e.g. gptj) change nothing and are skipped
+        k_gathered, k_casts = _fp32_casts(consumers, gathers[past_key].output[0])
+        v_gathered, v_casts = _fp32_casts(consumers, gathers[past_value].output[0])
+        keys, k_repeat = _repeat_kv(consumers, k_gathered, layer, producers)
+        values, v_repeat = _repeat_kv(consumers, v_gathered, layer, producers)
+        keys, k_casts2 = _fp32_casts(consumers, keys)
+        values, v_casts2 = _fp32_casts(consumers, values)
         k_t = _only_consumer(consumers, keys, "Transpose", ignore=("Shape",))  # Shape: repeat_kv's sizes
         scores = _only_consumer(consumers, k_t.output[0], "MatMul")
         if scores.input[1] != k_t.output[0]:
             raise RewriteNotApplicable(f"layer {layer}: keys are not the right operand of the score MatMul")
-        mul = _only_consumer(consumers, scores.output[0], "Mul")
-        scale = _scalar(g, mul.input[1], producers)
-        if scale is None:
-            raise RewriteNotApplicable(f"layer {layer}: the score scale is not a scalar constant")
-        chain = [*k_repeat, *v_repeat, k_t, scores, mul]
-        users = consumers.get(mul.output[0], [])
+        # the scale: Mul(scores, s), Div(scores, d) (falcon, openai-gpt divide by sqrt(head_dim)): s = 1 / d, or
+        # none at all (gpt_neo): s = 1
+        chain = [*k_casts, *v_casts, *k_repeat, *v_repeat, *k_casts2, *v_casts2, k_t, scores]
+        scaled, scale = scores.output[0], 1.0
+        if _op_of(consumers, scores.output[0]) in ("Mul", "Div"):
+            mul = consumers[scores.output[0]][0]
+            factor = _scalar(g, mul.input[1], producers) if mul.input[0] == scores.output[0] else None
+            if factor is None or (mul.op_type == "Div" and factor == 0):
+                raise RewriteNotApplicable(f"layer {layer}: the score scale is not a scalar constant")
+            scaled, scale = mul.output[0], factor if mul.op_type == "Mul" else 1.0 / factor
+            chain.append(mul)
+        users = consumers.get(scaled, [])
         window, softcap = None, 0.0
         if len(users) == 1 and users[0].op_type == "Where":  # the family blocks (kv_cache.cached_attention)
             where = users[0]
             fill = _scalar(g, where.input[1], producers)
-            if where.input[2] != mul.output[0] or fill is None or fill > MASK_VALUE:
+            if where.input[2] != scaled or fill is None or fill > MASK_VALUE:
                 raise RewriteNotApplicable(f"layer {layer}: the scores are masked by a Where other than "
                                            f"Where(masked, <= {MASK_VALUE:g}, scores)")
             if where.input[0] not in mask_windows:  # its windows (sliding-window families) are proven as well
@@ -206,9 +221,9 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             chain.append(where)
             probs = where.output[0]
         else:  # the generic path (the model's own eager_attention_forward): an additive mask of the model's own
-            softcap, capped = _softcap(g, consumers, producers, mul.output[0], layer)
-            add = _only_consumer(consumers, capped[-1].output[0] if capped else mul.output[0], "Add")
-            mask = next(i for i in add.input if i != (capped[-1].output[0] if capped else mul.output[0]))
+            softcap, capped = _softcap(g, consumers, producers, scaled, layer)
+            add = _only_consumer(consumers, capped[-1].output[0] if capped else scaled, "Add")
+            mask = next(i for i in add.input if i != (capped[-1].output[0] if capped else scaled))
             if mask not in mask_windows:
                 mask_windows[mask] = _mask_window(model, mask, ctx_len, weights_dir, layer)
             window = mask_windows[mask]
@@ -229,21 +244,30 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         chain.append(nxt)
         # the context [B, H, S, D] -> reshapes/transposes -> the output projection MatMul (an initializer weight
         # [H*D, out], or Transpose of one [out, H*D] as the streamed export writes it)
-        out = nxt.output[0]
+        # (Shape users: the sizes of a reshape, e.g. gpt2's merge_heads; a Shape still needed once the context is
+        # gone is caught below, where every kept node's inputs are checked)
+        # `sized`: the context is rebuilt under its own name and everything after it stays as exported, when a
+        # Shape reads it on its way to the projection, or when something else comes first (a gate, gated
+        # attention; a norm, bitnet): the projection's input size then comes from the first one downstream
+        out, sized, o_proj = nxt.output[0], False, None
         while True:
-            users = consumers.get(out, [])
-            if len(users) != 1:
-                raise RewriteNotApplicable(f"layer {layer}: attention context has {len(users)} users")
-            o_rows = _weight_rows(users[0].input[1], weights, producers) if users[0].op_type == "MatMul" else None
+            sized = sized or any(u.op_type == "Shape" for u in consumers.get(out, []))
+            users = [u for u in consumers.get(out, []) if u.op_type != "Shape"]
+            o_rows = _projection_rows(users[0], weights, producers) if len(users) == 1 else None
             if o_rows is not None:
                 o_proj = users[0]
                 break
-            if users[0].op_type not in ("Reshape", "Transpose"):
-                raise RewriteNotApplicable(f"layer {layer}: attention context goes through {users[0].op_type}")
+            if len(users) != 1 or (users[0].op_type not in ("Reshape", "Transpose")
+                                   and not _is_fp32_cast(users[0])):
+                o_rows, sized = _first_projection_rows(consumers, out, weights, producers), True
+                if o_rows is None:
+                    raise RewriteNotApplicable(f"layer {layer}: attention context goes through "
+                                               f"{[u.op_type for u in users]} and no output projection follows")
+                break
             out = users[0].output[0]
-        # q: the score MatMul's left operand, traced back through Reshape to [B, H, S, D]
+        # q: the score MatMul's left operand, traced back through Reshape (and fp32 casts) to [B, H, S, D]
         q = scores.input[0]
-        while producers.get(q) is not None and producers[q].op_type == "Reshape":
+        while producers.get(q) is not None and (producers[q].op_type == "Reshape" or _is_fp32_cast(producers[q])):
             q = producers[q].input[0]
         head_dim = _dims(inputs[past_key])[3]
         kv_heads = _dims(inputs[past_key])[1]
@@ -270,8 +294,22 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             name=f"{tag}/GroupQueryAttention", domain=MS_DOMAIN,
             num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)),
             **({"local_window_size": window} if window else {}), **({"softcap": softcap} if softcap else {}))
-        o_proj.input[0] = f"{tag}/out"
-        new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, gqa]))
+        o_nodes = []
+        if sized:  # the context's own reshapes stay (their sizes are read): GQA's [B, S, H*D] output goes back to
+            # [B, H, S, D] under the context's name, and everything after it runs as exported
+            o_nodes = [helper.make_node("Constant", [], [f"{tag}/bshd"], name=f"{tag}/bshd", value=numpy_helper.from_array(
+                           np.array([0, 0, hidden // head_dim, head_dim], np.int64))),
+                       helper.make_node("Reshape", [f"{tag}/out", f"{tag}/bshd"], [f"{tag}/out4d"], name=f"{tag}/out4d"),
+                       helper.make_node("Transpose", [f"{tag}/out4d"], [nxt.output[0]], perm=[0, 2, 1, 3],
+                                        name=f"{tag}/context")]
+        elif o_proj.op_type == "Gemm":  # 2-D: GQA's [B, S, hidden] flattened to [B*S, hidden]
+            o_nodes = [helper.make_node("Constant", [], [f"{tag}/rows_hidden"], name=f"{tag}/rows_hidden",
+                                        value=numpy_helper.from_array(np.array([-1, hidden], np.int64))),
+                       helper.make_node("Reshape", [f"{tag}/out", f"{tag}/rows_hidden"], [f"{tag}/out2d"],
+                                        name=f"{tag}/out2d")]
+        if not sized:
+            o_proj.input[0] = o_nodes[-1].output[0] if o_nodes else f"{tag}/out"
+        new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, gqa, *o_nodes]))
         drop.update(id(n) for n in (*chain, *scatters.values(), *gathers.values()))
 
     first = [helper.make_node("Constant", [], ["gqa/shape_bs_1"], value=numpy_helper.from_array(
@@ -313,6 +351,36 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     del g.value_info[:]  # shapes of removed tensors; ORT infers what it needs
     return model, len(pasts)
+
+
+def _first_projection_rows(consumers, start: str, weights: dict[str, list], producers, limit: int = 64) -> int | None:
+    """The input size of the first projection (`_projection_rows`) downstream of `start`, breadth first over at most
+    `limit` nodes; None when none is found. (A wrong guess makes GroupQueryAttention's head count disagree with
+    the query: ONNX Runtime refuses it or `verify` sees the logits differ, and the exported graph runs.)"""
+    frontier, seen = [start], 0
+    while frontier and seen < limit:
+        name = frontier.pop(0)
+        for u in consumers.get(name, []):
+            seen += 1
+            rows = _projection_rows(u, weights, producers)
+            if rows is not None:
+                return rows
+            frontier.extend(u.output)
+    return None
+
+
+def _projection_rows(node, weights: dict[str, list], producers) -> int | None:
+    """The input size of an output projection: MatMul(x, W) (`_weight_rows`), or Gemm(x, W[, bias]) with x not
+    transposed (gpt2's Conv1D); None when `node` is neither."""
+    if node.op_type == "MatMul":
+        return _weight_rows(node.input[1], weights, producers)
+    if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in weights:
+        return None
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    shape = weights[node.input[1]]
+    if attrs.get("transA", 0) or len(shape) != 2:
+        return None
+    return shape[1] if attrs.get("transB", 0) else shape[0]
 
 
 def _weight_rows(name: str, weights: dict[str, list], producers) -> int | None:
@@ -482,6 +550,28 @@ def _rope_caches(graph, tables: tuple[str, str], head_dim, ctx_len: int | None, 
 
 
 # ----------------------------------------------------------------------------- the generic path's attention
+def _is_fp32_cast(node) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
+
+
+def _op_of(consumers, name: str) -> str | None:
+    """The op type of the one consumer of `name`, else None."""
+    users = consumers.get(name, [])
+    return users[0].op_type if len(users) == 1 else None
+
+
+def _fp32_casts(consumers, name: str) -> tuple[str, list]:
+    """(the tensor after any Cast(to FLOAT) chain that is `name`'s only consumer, those casts). The cache is fp32,
+    so these casts change nothing."""
+    casts = []
+    while True:
+        users = consumers.get(name, [])
+        if len(users) != 1 or not _is_fp32_cast(users[0]):
+            return name, casts
+        casts.append(users[0])
+        name = users[0].output[0]
+
+
 def _repeat_kv(consumers, gathered: str, layer: str, producers) -> tuple[str, list]:
     """(the tensor the scores read, the repeat_kv nodes): transformers' repeat_kv expands the gathered
     [B, kv_heads, ctx, D] to the query heads as Reshape(Expand(Unsqueeze(x, axes [2]))), each kv head repeated for

@@ -16,37 +16,54 @@ NEW = 12
 LENGTHS = (5, 8, 13)  # shorter than, equal to and longer than the prefill chunk of 8; batch 2 pads the shorter row
 
 
-# (family, config overrides, graph, layers whose rotary moves into the op): the tiny phi3's partial rotary is 8 of
-# 16 dims, too narrow for ORT's kernel (R/2 a multiple of 8), so it stays outside; at head_dim 32 it moves inside
-@pytest.mark.parametrize("family,overrides,graph,rotary", [
-    ("llama", {}, "gqa", 2), ("phi3", {}, "gqa", 0), ("phi3", {"hidden_size": 128}, "gqa", 2), ("qwen2", {}, "gqa", 2),
-    ("gpt2", {}, "exported", 0)])
-def test_tokens_equal_hf_greedy_and_the_report_says_which_graph_ran(family, overrides, graph, rotary):
+# (family, config overrides, layers whose rotary moves into the op; None: the model has no rotary): the tiny
+# phi3's partial rotary is 8 of 16 dims, too narrow for ORT's kernel (R/2 a multiple of 8), so it stays outside; at
+# head_dim 32 it moves inside. gpt2: learned positions, Div-scaled scores, Conv1D (Gemm) projections.
+@pytest.mark.parametrize("family,overrides,rotary", [
+    ("llama", {}, 2), ("phi3", {}, 0), ("phi3", {"hidden_size": 128}, 2), ("qwen2", {}, 2), ("gpt2", {}, None)])
+def test_tokens_equal_hf_greedy_and_the_report_says_which_graph_ran(family, overrides, rotary):
     hf = tiny_model(family, seed=3, **overrides)
     prompt_ids = prompts(lengths=LENGTHS)
     reference = hf_greedy(hf, prompt_ids, NEW)
     model = QEFFAutoModelForCausalLM.from_model(tiny_model(family, seed=3, **overrides), f"tiny-{family}-ort")
     model.compile(prefill_seq_len=8, ctx_len=32, batch_size=2)
     report = model.compile_result.ort_graph
-    assert report["graph"] == graph, report["why"]
+    assert report["graph"] == "gqa", report["why"]
     assert json.loads((model.compile_result.folder / "qconfig.json").read_text())["ort_graph"] == report
-    if graph == "gqa":
-        assert report["max_logit_diff"] < 1e-4 and report["layers"] == 2
-        assert report["nodes_after"] < report["nodes_before"]
-        graph_file = onnx.load(str(model.compile_result.folder / report["path"]), load_external_data=False)
-        ops = {n.op_type for n in graph_file.graph.node}
-        assert "GroupQueryAttention" in ops and not ops & {"CtxScatter", "CtxGather"}
-        # where the rotary embedding moved into the op, no rotate_half (Neg) is left
-        assert report["rotary_layers"] == rotary and ("Neg" in ops) == (rotary == 0)
-        assert ("rotary inside the op in 2" in report["why"]) == (rotary == 2)
-        assert type(model.runner()).__name__ == "OrtGqaKVSession"
-        assert "runs its GroupQueryAttention graph (2 layers" in model.compile_result.reason
-    else:
-        assert report["why"].startswith("exported graph kept:") and report["path"] is None
-        assert type(model.runner()).__name__ == "OrtKVSession"
-        assert "runs the exported graph (layer 0:" in model.compile_result.reason
+    assert report["max_logit_diff"] < 1e-4 and report["layers"] == 2
+    assert report["nodes_after"] < report["nodes_before"]
+    graph_file = onnx.load(str(model.compile_result.folder / report["path"]), load_external_data=False)
+    ops = {n.op_type for n in graph_file.graph.node}
+    assert "GroupQueryAttention" in ops and not ops & {"CtxScatter", "CtxGather"}
+    # where the rotary embedding moved into the op, no rotate_half (Neg) is left
+    assert report["rotary_layers"] == (rotary or 0) and ("Neg" in ops) == (rotary == 0)
+    assert ("rotary inside the op in 2" in report["why"]) == (rotary == 2)
+    assert type(model.runner()).__name__ == "OrtGqaKVSession"
+    assert "runs its GroupQueryAttention graph (2 layers" in model.compile_result.reason
     out = model.generate_from_ids(prompt_ids, NEW)
     assert out.ids == reference
+
+
+def test_where_the_rewrite_does_not_apply_the_exported_graph_runs_and_says_why():
+    """mpt adds an ALiBi bias through its mask (GQA takes none): the exported graph runs, HF-greedy tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qeff_lab.accuracy.runners import hf_greedy as plain_greedy
+    from qeff_lab.commands import support_matrix as sm
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(sm.tiny_config("mpt"), attn_implementation="eager").float().eval()
+    prompt_ids = sm.prompt_ids()
+    reference = plain_greedy(hf, prompt_ids, NEW)
+    model = QEFFAutoModelForCausalLM.from_model(hf, "tiny-mpt-ort")
+    model.compile(prefill_seq_len=8, ctx_len=48, batch_size=2)
+    report = model.compile_result.ort_graph
+    assert report["graph"] == "exported" and report["path"] is None
+    assert report["why"].startswith("exported graph kept:") and "ALiBi" in report["why"]
+    assert type(model.runner()).__name__ == "OrtKVSession"
+    assert "runs the exported graph (layer 0:" in model.compile_result.reason
+    assert model.generate_from_ids(prompt_ids, NEW).ids == reference
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -315,4 +332,45 @@ def test_family_sliding_windows_become_gqa_windows(family, overrides, windows):
     report = model.compile_result.ort_graph
     assert report["graph"] == "gqa", report["why"]
     assert _gqa_attributes(model) == (windows, {None})
+    assert model.generate_from_ids(prompt_ids, NEW).ids == reference
+
+
+# ----------------------------------------------------------------------------- other attention forms
+# The support matrix's tiny models of types whose attention differs from llama's in how the scores are scaled, how
+# the cache is cast or how the context reaches the output projection; each runs the GQA graph with HF-greedy
+# tokens. (scale: GQA's `scale` attribute for head_dim 16; context: whether the context is rebuilt under its own
+# name, everything after it kept as exported.)
+OTHER_FORMS = [
+    ("falcon", 0.25, False),   # Div(scores, sqrt(head_dim))
+    ("gpt_neo", 1.0, True),    # no scaling at all (and its merge_heads sized by Shape)
+    ("gptj", 0.25, False),     # the gathered keys / values and the query cast to fp32
+    ("gpt2", 0.25, True),      # Conv1D: Reshape -> Gemm with bias, the context's reshapes sized by Shape
+    ("afmoe", 0.25, True),     # gated attention: context * sigmoid(gate) before the projection
+]
+
+
+@pytest.mark.parametrize("model_type,scale,rebuilt", OTHER_FORMS)
+def test_other_attention_forms_run_the_gqa_graph(model_type, scale, rebuilt):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qeff_lab.accuracy.runners import hf_greedy as plain_greedy
+    from qeff_lab.commands import support_matrix as sm
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(sm.tiny_config(model_type), attn_implementation="eager").float().eval()
+    sm.randomize_zero_matrices(hf, 0.02)
+    prompt_ids = sm.prompt_ids()
+    reference = plain_greedy(hf, prompt_ids, NEW)
+    model = QEFFAutoModelForCausalLM.from_model(hf, f"tiny-{model_type}-forms")
+    model.compile(prefill_seq_len=8, ctx_len=48, batch_size=2)
+    report = model.compile_result.ort_graph
+    assert report["graph"] == "gqa", report["why"]
+    assert report["max_logit_diff"] < 1e-4
+    graph = onnx.load(str(model.compile_result.folder / report["path"]), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == report["layers"] == 2
+    scales = [next(onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "scale") for n in gqa]
+    assert scales == pytest.approx([scale, scale])
+    assert any(n.name.endswith("/context") for n in graph.node) == rebuilt
     assert model.generate_from_ids(prompt_ids, NEW).ids == reference

@@ -16,7 +16,9 @@ Status: pass (all identical), fail (first divergence or the exception, one line)
 the model at load, with its reason), skipped (not a decoder-only / encoder model -- encoder-decoder or
 multimodal --, or the tiny config / the HF reference could not be built; with the reason). Each type runs in a
 worker process with a time limit (a hang or a crash costs one row, not the run); torch and ONNX Runtime use one
-thread. The rows go to a markdown table (docs/support_matrix.md) and, with --json, to stdout.
+thread. Each compiled row also names the graph the embedded ONNX Runtime backend runs (its own compile result:
+"gqa" / "packed", or "exported: why"). The rows go to a markdown table (docs/support_matrix.md) and, with --json,
+to stdout.
 
 This module imports nothing heavy at import time: `qeff-lab --help` stays fast.
 """
@@ -210,9 +212,22 @@ class Row:
     reason: str = ""
     model_class: str = ""
     path: str = ""  # "family X" / "generic" / "encoder"
+    graph: str = ""  # what the embedded backend runs once compiled: "gqa", "packed" or "exported: why"
 
     def line(self) -> str:
         return f"{self.model_type}: {self.status}" + (f" ({self.reason})" if self.reason else "")
+
+
+def embedded_graph(compile_result) -> str:
+    """The graph the embedded ONNX Runtime backend runs for a compile (qeff_lab.compile.ort_rewrite /
+    ort_encoder): "gqa" (GroupQueryAttention, KV cache updated in place), "packed" (encoder, real tokens only),
+    or "exported: <why the rewrite did not apply>"."""
+    plan = getattr(compile_result, "ort_graph", None) or {}
+    graph = plan.get("graph", "exported")
+    if graph != "exported":
+        return graph
+    why = plan.get("why", "")
+    return "exported" + (f": {why.split(': ', 1)[-1]}" if why else "")
 
 
 def one_line(exc: BaseException, limit: int = 220) -> str:
@@ -332,6 +347,7 @@ def check_decoder(model_type: str, row: Row) -> None:
             return
         stage = "compile (export + ONNX Runtime)"
         qeff.compile(prefill_seq_len=PREFILL, ctx_len=CTX, batch_size=BATCH, backend="onnxruntime")
+        row.graph = embedded_graph(qeff.compile_result)
         stage = "ONNX Runtime generate"
         ids = qeff.generate_from_ids(prompts, NEW_TOKENS, runtime="compiled").ids
         diff = _first_divergence(ids, reference, "ONNX Runtime")
@@ -399,6 +415,7 @@ def check_encoder(model_type: str, row: Row) -> None:
             return
         stage = "compile (export + ONNX Runtime)"
         qeff.compile(seq_len=width, batch_size=BATCH, backend="onnxruntime")  # the width HF saw (conv layers see padding)
+        row.graph = embedded_graph(qeff.compile_result)
         stage = "ONNX Runtime generate"
         out = qeff.generate({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["output"]
         diff = compare(out, "ONNX Runtime")
@@ -673,18 +690,28 @@ def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float
     for kind, c in by_kind.items():
         if sum(c.values()):
             lines.append(f"| {kind}s | " + " | ".join(str(c[s]) for s in STATUSES) + f" | {sum(c.values())} |")
+    passing = [r for r in rows if r.status == "pass" and r.kind in ("decoder", "encoder")]
+    if passing:
+        fast = {"decoder": "gqa", "encoder": "packed"}
+        lines += ["", "Graph: what ONNX Runtime runs once compiled (the embedded backend's own compile result; the "
+                  "exported graph itself is what goes to the device): **gqa** (decoders: attention replaced by "
+                  "GroupQueryAttention, KV cache updated in place), **packed** (encoders: per-token ops on real "
+                  "tokens only), or **exported** with the reason the rewrite did not apply. Of the passing types: "
+                  + ", ".join(f"{sum(r.graph == fast[k] for r in passing if r.kind == k)} of "
+                              f"{sum(r.kind == k for r in passing)} {k}s on the {fast[k]} graph"
+                              for k in fast if any(r.kind == k for r in passing)) + "."]
     if note:
         lines += ["", note]
-    lines += ["", "| model type | kind | path | status | time (s) | reason |", "|---|---|---|---|---:|---|"]
+    lines += ["", "| model type | kind | path | status | graph | time (s) | reason |", "|---|---|---|---|---|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.model_type} | {r.kind} | {_cell(r.path)} | {r.status} | {r.seconds:.1f} | "
-                     f"{_cell(r.reason)} |")
+        lines.append(f"| {r.model_type} | {r.kind} | {_cell(r.path)} | {r.status} | {_cell(r.graph)} | "
+                     f"{r.seconds:.1f} | {_cell(r.reason)} |")
     return "\n".join(lines) + "\n"
 
 
 def read_matrix(path: str = DEFAULT_OUTPUT):
     """The rows of a written support matrix (markdown) as a pandas DataFrame: model type, kind, path, status,
-    time (s), reason. Reads the committed file, so a notebook's output does not depend on the machine."""
+    graph, time (s), reason. Reads the committed file, so a notebook's output does not depend on the machine."""
     import pandas as pd
     from pathlib import Path
 
@@ -711,8 +738,9 @@ def merged_markdown(path, rows: list[Row], command: str, wall_s: float) -> str:
         raise ValueError(f"{path}: not a support matrix written by this command (no 'Generated by' line).")
     old = read_matrix(str(path))
     new = {r.model_type: r for r in rows}
-    merged = [new.pop(t, None) or Row(t, kind, status, float(secs), reason, "", p)
-              for t, kind, p, status, secs, reason in old.itertuples(index=False)]
+    merged = [new.pop(r["model type"], None) or Row(r["model type"], r["kind"], r["status"], float(r["time (s)"]),
+                                                    r["reason"], "", r["path"], r.get("graph", ""))
+              for r in old.to_dict("records")]
     merged += list(new.values())
     note = (f"Re-run after the full run: {', '.join(r.model_type for r in rows)} (`{command}`, "
             f"{wall_s / 60:.1f} min).")

@@ -699,7 +699,10 @@ def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float
                   "tokens only), or **exported** with the reason the rewrite did not apply. Of the passing types: "
                   + ", ".join(f"{sum(r.graph == fast[k] for r in passing if r.kind == k)} of "
                               f"{sum(r.kind == k for r in passing)} {k}s on the {fast[k]} graph"
-                              for k in fast if any(r.kind == k for r in passing)) + "."]
+                              for k in fast if any(r.kind == k for r in passing)) + ". (The encoders here are "
+                  "checked on their per-token states, whose padding positions the packed graph does not reproduce, so "
+                  "they keep the exported graph; the packed graph serves pooled embeddings, e.g. MiniLM with mean "
+                  "pooling in `QEFFAutoModel(..., pooling=\"mean\")`.)"]
     if note:
         lines += ["", note]
     lines += ["", "| model type | kind | path | status | graph | time (s) | reason |", "|---|---|---|---|---|---:|---|"]

@@ -35,6 +35,7 @@ class MatMulFloor:
         graph = onnx.load(str(graph_path), load_external_data=False).graph
         weights = {w.name: w for w in graph.initializer if len(w.dims) == 2}
         nodes, inits, outputs, self.inputs = [], [], [], {}
+        self.flops_per_row: dict[str, int] = {}  # per input: 2 * K * N summed over the MatMuls that read it
         for node in graph.node:
             if node.op_type != "MatMul" or node.input[1] not in weights:
                 continue
@@ -42,6 +43,7 @@ class MatMulFloor:
             k, n = int(w.dims[0]), int(w.dims[1])
             x = f"x{k}_{'one' if one_row(k, n) else 'rows'}"
             self.inputs[x] = k
+            self.flops_per_row[x] = self.flops_per_row.get(x, 0) + 2 * k * n
             y = f"y{len(nodes)}"
             nodes.append(helper.make_node("MatMul", [x, w.name], [y]))
             inits.append(w)
@@ -50,9 +52,6 @@ class MatMulFloor:
             raise ValueError(f"{graph_path} has no MatMul with an initializer weight")
         self.count = len(nodes)
         self.weight_bytes = sum(int(np.prod(w.dims)) * 4 for w in inits)
-        self.flops_per_row = {name: 0 for name in self.inputs}
-        for node, w in zip(nodes, inits):
-            self.flops_per_row[node.input[0]] += 2 * int(w.dims[0]) * int(w.dims[1])
         ins = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["rows" if x.endswith("rows") else 1, k])
                for x, k in self.inputs.items()]
         model = helper.make_model(helper.make_graph(nodes, "weight_matmuls", ins, outputs, inits),
@@ -76,6 +75,10 @@ class MatMulFloor:
         start = time.perf_counter()
         self.session.run(None, feeds)
         return time.perf_counter() - start
+
+    def flops(self, rows: int) -> int:
+        """The MatMuls' floating-point operations for one run with `rows` rows."""
+        return sum(f * (rows if x.endswith("rows") else 1) for x, f in self.flops_per_row.items())
 
     def describe(self) -> str:
         return f"{self.count} weight MatMuls, {self.weight_bytes / 2**20:.0f} MiB of fp32 weights"

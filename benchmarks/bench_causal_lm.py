@@ -285,8 +285,7 @@ def main() -> None:
                                                       if peer else ""))
     for n in ttft_prompts:
         t = v[f"matmuls_{n}"]
-        flops = sum(f * (n if x.endswith("rows") else 1) for x, f in mm.flops_per_row.items())
-        print(f"  {n:3d} rows (a {n}-token prefill): {t * 1e3:.1f} ms ({flops / t / 1e9:.0f} GFLOP/s); qeff_lab's "
+        print(f"  {n:3d} rows (a {n}-token prefill): {t * 1e3:.1f} ms ({mm.flops(n) / t / 1e9:.0f} GFLOP/s); qeff_lab's "
               f"TTFT is {v[f'ttft_{n}_gqa'] / t:.2f}x it. Bound: TTFT at least {t / v[f'ttft_{n}_hf']:.2f}x HF's")
     print(f"same tokens as HF greedy: batch 1 {same_1}, padded batch {same_b} ({args.batch} rows)")
     if args.json:

@@ -46,15 +46,14 @@ def rate(fn, n: int):
     return sample
 
 
-def matmul_rows(model, texts: list[str], batch_size: int, packed: bool) -> list[int]:
-    """The rows each batch of model.embed(texts) gives its weight MatMuls: embed's grouping (longest first, batches
-    of batch_size) with the real tokens of a batch on the packed-token graph, batch x bucket otherwise."""
-    ids = model.tokenizer(texts, truncation=True, max_length=max(model.seq_lens))["input_ids"]
-    lengths = sorted((len(x) for x in ids), reverse=True)
-    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+def matmul_rows(model, texts: list[str], packed: bool) -> list[int]:
+    """The rows each batch of model.embed(texts) gives its weight MatMuls (embed's own batches): the batch's real
+    tokens on the packed-token graph, else the compiled batch size x the seq_len bucket it is padded to."""
+    batches = model.length_batches(texts)
     if packed:
-        return [sum(b) for b in batches]
-    return [len(b) * min(s for s in model.seq_lens if s >= b[0]) for b in batches]
+        return [sum(map(len, b)) for b in batches]
+    size = model.compile_result.specializations[0]["batch_size"]
+    return [size * model._pick_seq_len(max(map(len, b))) for b in batches]
 
 
 def main() -> None:
@@ -96,7 +95,7 @@ def main() -> None:
     packed = (result.ort_graph or {}).get("graph") == "packed"
     mm = MatMulFloor(result.folder / result.ort_graph["path"] if packed else result.onnx_path,
                      None if packed else result.onnx_path.parent, threads)
-    rows = matmul_rows(model, texts, args.batch_size, packed)
+    rows = matmul_rows(model, texts, packed)
     mm_rate = stable(lambda: args.n / sum(mm.seconds(r) for r in rows))
     machine.finish()
     print(machine)
@@ -107,7 +106,7 @@ def main() -> None:
     print(f"sentence-transformers.encode: {st_rate.value:8.1f} sentences/s  [{st_rate.note}]")
     print(f"qeff_lab (compiled):          {q_rate.value:8.1f} sentences/s  [{q_rate.note}]")
     print(f"ratio qeff_lab / sentence-transformers: {q_rate.value / st_rate.value:.2f}x (goal >= 1.2x)")
-    flops = sum(f * sum(rows) for f in mm.flops_per_row.values())
+    flops = sum(mm.flops(r) for r in rows)
     print(f"ONNX Runtime's fp32 MatMuls alone ({mm.describe()}, {sum(rows)} rows in {len(rows)} batches, "
           f"{flops / 1e9:.0f} GFLOP): {mm_rate.value:8.1f} sentences/s [{mm_rate.note}] "
           f"({flops * mm_rate.value / args.n / 1e9:.0f} GFLOP/s); qeff_lab runs at {q_rate.value / mm_rate.value:.0%} "

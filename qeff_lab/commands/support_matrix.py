@@ -222,12 +222,13 @@ def embedded_graph(compile_result) -> str:
     """The graph the embedded ONNX Runtime backend runs for a compile (qeff_lab.compile.ort_rewrite /
     ort_encoder): "gqa" (GroupQueryAttention, KV cache updated in place), "packed" (encoder, real tokens only),
     or "exported: <why the rewrite did not apply>"."""
+    from qeff_lab.compile.ort_rewrite import kept_reason
+
     plan = getattr(compile_result, "ort_graph", None) or {}
     graph = plan.get("graph", "exported")
     if graph != "exported":
         return graph
-    why = plan.get("why", "")
-    return "exported" + (f": {why.split(': ', 1)[-1]}" if why else "")
+    return "exported" + (f": {kept_reason(plan['why'])}" if plan.get("why") else "")
 
 
 def one_line(exc: BaseException, limit: int = 220) -> str:
@@ -690,19 +691,9 @@ def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float
     for kind, c in by_kind.items():
         if sum(c.values()):
             lines.append(f"| {kind}s | " + " | ".join(str(c[s]) for s in STATUSES) + f" | {sum(c.values())} |")
-    passing = [r for r in rows if r.status == "pass" and r.kind in ("decoder", "encoder")]
-    if passing:
-        fast = {"decoder": "gqa", "encoder": "packed"}
-        lines += ["", "Graph: what ONNX Runtime runs once compiled (the embedded backend's own compile result; the "
-                  "exported graph itself is what goes to the device): **gqa** (decoders: attention replaced by "
-                  "GroupQueryAttention, KV cache updated in place), **packed** (encoders: per-token ops on real "
-                  "tokens only), or **exported** with the reason the rewrite did not apply. Of the passing types: "
-                  + ", ".join(f"{sum(r.graph == fast[k] for r in passing if r.kind == k)} of "
-                              f"{sum(r.kind == k for r in passing)} {k}s on the {fast[k]} graph"
-                              for k in fast if any(r.kind == k for r in passing)) + ". (The encoders here are "
-                  "checked on their per-token states, whose padding positions the packed graph does not reproduce, so "
-                  "they keep the exported graph; the packed graph serves pooled embeddings, e.g. MiniLM with mean "
-                  "pooling in `QEFFAutoModel(..., pooling=\"mean\")`.)"]
+    graphs = _graph_paragraph(rows)
+    if graphs:
+        lines += ["", graphs]
     if note:
         lines += ["", note]
     lines += ["", "| model type | kind | path | status | graph | time (s) | reason |", "|---|---|---|---|---|---:|---|"]
@@ -710,6 +701,27 @@ def render_markdown(rows: list[Row], command: str, wall_s: float, timeout: float
         lines.append(f"| {r.model_type} | {r.kind} | {_cell(r.path)} | {r.status} | {_cell(r.graph)} | "
                      f"{r.seconds:.1f} | {_cell(r.reason)} |")
     return "\n".join(lines) + "\n"
+
+
+FAST_GRAPH = {"decoder": "gqa", "encoder": "packed"}  # the embedded backend's own graph per kind
+
+
+def _graph_paragraph(rows: list[Row]) -> str:
+    """What the graph column means, and how many passing types of each kind run the fast graph ("" when none pass)."""
+    counts = []
+    for kind, fast in FAST_GRAPH.items():
+        passing = [r for r in rows if r.status == "pass" and r.kind == kind]
+        if passing:
+            counts.append(f"{sum(r.graph == fast for r in passing)} of {len(passing)} {kind}s on the {fast} graph")
+    if not counts:
+        return ""
+    return ("Graph: what ONNX Runtime runs once compiled (the embedded backend's own compile result; the exported "
+            "graph itself is what goes to the device): **gqa** (decoders: attention replaced by GroupQueryAttention, "
+            "KV cache updated in place), **packed** (encoders: per-token ops on real tokens only), or **exported** "
+            "with the reason the rewrite did not apply. Of the passing types: " + ", ".join(counts) + ". (The "
+            "encoders here are checked on their per-token states, whose padding positions the packed graph does not "
+            "reproduce, so they keep the exported graph; the packed graph serves pooled embeddings, e.g. MiniLM with "
+            "mean pooling in `QEFFAutoModel(..., pooling=\"mean\")`.)")
 
 
 def read_matrix(path: str = DEFAULT_OUTPUT):

@@ -126,6 +126,10 @@ def _only_consumer(consumers, name: str, op_type: str, ignore: tuple[str, ...] =
     return users[0]
 
 
+def _constant(name: str, value: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value), name=name)
+
+
 def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
@@ -184,23 +188,19 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         # scores = MatMul(q, Transpose(keys)) -> Mul(scale) -> the family's Where(mask) or the generic path's
         # [Div/Tanh/Mul soft-capping] -> Add(mask) -> Softmax -> Cast* -> MatMul(., values); keys / values are the
         # gathered context, or (generic path) its repeat_kv expansion to the query heads
-        # fp32 casts of the fp32 cache (models that upcast attention, e.g. gptj) change nothing and are skipped
-        k_gathered, k_casts = _fp32_casts(consumers, gathers[past_key].output[0])
-        v_gathered, v_casts = _fp32_casts(consumers, gathers[past_value].output[0])
-        keys, k_repeat = _repeat_kv(consumers, k_gathered, layer, producers)
-        values, v_repeat = _repeat_kv(consumers, v_gathered, layer, producers)
-        keys, k_casts2 = _fp32_casts(consumers, keys)
-        values, v_casts2 = _fp32_casts(consumers, values)
+        keys, k_nodes = _kv_operand(consumers, gathers[past_key].output[0], layer, producers)
+        values, v_nodes = _kv_operand(consumers, gathers[past_value].output[0], layer, producers)
         k_t = _only_consumer(consumers, keys, "Transpose", ignore=("Shape",))  # Shape: repeat_kv's sizes
         scores = _only_consumer(consumers, k_t.output[0], "MatMul")
         if scores.input[1] != k_t.output[0]:
             raise RewriteNotApplicable(f"layer {layer}: keys are not the right operand of the score MatMul")
         # the scale: Mul(scores, s), Div(scores, d) (falcon, openai-gpt divide by sqrt(head_dim)): s = 1 / d, or
         # none at all (gpt_neo): s = 1
-        chain = [*k_casts, *v_casts, *k_repeat, *v_repeat, *k_casts2, *v_casts2, k_t, scores]
+        chain = [*k_nodes, *v_nodes, k_t, scores]
         scaled, scale = scores.output[0], 1.0
-        if _op_of(consumers, scores.output[0]) in ("Mul", "Div"):
-            mul = consumers[scores.output[0]][0]
+        users = consumers.get(scores.output[0], [])
+        if len(users) == 1 and users[0].op_type in ("Mul", "Div"):
+            mul = users[0]
             factor = _scalar(g, mul.input[1], producers) if mul.input[0] == scores.output[0] else None
             if factor is None or (mul.op_type == "Div" and factor == 0):
                 raise RewriteNotApplicable(f"layer {layer}: the score scale is not a scalar constant")
@@ -244,11 +244,10 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         chain.append(nxt)
         # the context [B, H, S, D] -> reshapes/transposes -> the output projection MatMul (an initializer weight
         # [H*D, out], or Transpose of one [out, H*D] as the streamed export writes it)
-        # (Shape users: the sizes of a reshape, e.g. gpt2's merge_heads; a Shape still needed once the context is
-        # gone is caught below, where every kept node's inputs are checked)
         # `sized`: the context is rebuilt under its own name and everything after it stays as exported, when a
-        # Shape reads it on its way to the projection, or when something else comes first (a gate, gated
-        # attention; a norm, bitnet): the projection's input size then comes from the first one downstream
+        # Shape reads it on its way to the projection (gpt2's merge_heads), or when something else comes first (a
+        # gate, gated attention; a norm, bitnet): the projection's input size then comes from the first one
+        # downstream
         out, sized, o_proj = nxt.output[0], False, None
         while True:
             sized = sized or any(u.op_type == "Shape" for u in consumers.get(out, []))
@@ -295,28 +294,23 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)),
             **({"local_window_size": window} if window else {}), **({"softcap": softcap} if softcap else {}))
         o_nodes = []
-        if sized:  # the context's own reshapes stay (their sizes are read): GQA's [B, S, H*D] output goes back to
-            # [B, H, S, D] under the context's name, and everything after it runs as exported
-            o_nodes = [helper.make_node("Constant", [], [f"{tag}/bshd"], name=f"{tag}/bshd", value=numpy_helper.from_array(
-                           np.array([0, 0, hidden // head_dim, head_dim], np.int64))),
+        if sized:  # GQA's [B, S, H*D] output goes back to [B, H, S, D] under the context's name
+            o_nodes = [_constant(f"{tag}/bshd", np.array([0, 0, hidden // head_dim, head_dim], np.int64)),
                        helper.make_node("Reshape", [f"{tag}/out", f"{tag}/bshd"], [f"{tag}/out4d"], name=f"{tag}/out4d"),
                        helper.make_node("Transpose", [f"{tag}/out4d"], [nxt.output[0]], perm=[0, 2, 1, 3],
                                         name=f"{tag}/context")]
-        elif o_proj.op_type == "Gemm":  # 2-D: GQA's [B, S, hidden] flattened to [B*S, hidden]
-            o_nodes = [helper.make_node("Constant", [], [f"{tag}/rows_hidden"], name=f"{tag}/rows_hidden",
-                                        value=numpy_helper.from_array(np.array([-1, hidden], np.int64))),
-                       helper.make_node("Reshape", [f"{tag}/out", f"{tag}/rows_hidden"], [f"{tag}/out2d"],
-                                        name=f"{tag}/out2d")]
-        if not sized:
+        else:  # the projection reads GQA's output directly (a Gemm: flattened to [B*S, hidden])
+            if o_proj.op_type == "Gemm":
+                o_nodes = [_constant(f"{tag}/rows_hidden", np.array([-1, hidden], np.int64)),
+                           helper.make_node("Reshape", [f"{tag}/out", f"{tag}/rows_hidden"], [f"{tag}/out2d"],
+                                            name=f"{tag}/out2d")]
             o_proj.input[0] = o_nodes[-1].output[0] if o_nodes else f"{tag}/out"
         new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, gqa, *o_nodes]))
         drop.update(id(n) for n in (*chain, *scatters.values(), *gathers.values()))
 
-    first = [helper.make_node("Constant", [], ["gqa/shape_bs_1"], value=numpy_helper.from_array(
-                 np.array([0, 0, -1], np.int64)), name="gqa/shape_bs_1"),
+    first = [_constant("gqa/shape_bs_1", np.array([0, 0, -1], np.int64)),
              helper.make_node("ReduceMax", [SEQLENS_K], ["gqa/max_seqlen"], keepdims=0, name="gqa/max_seqlen"),
-             helper.make_node("Constant", [], ["gqa/one"], value=numpy_helper.from_array(np.array(1, np.int32)),
-                              name="gqa/one"),
+             _constant("gqa/one", np.array(1, np.int32)),
              helper.make_node("Add", ["gqa/max_seqlen", "gqa/one"], ["gqa/total_sequence_length"],
                               name="gqa/total_sequence_length")]
     before = {id(anchor): nodes for anchor, nodes in new_nodes}
@@ -554,12 +548,6 @@ def _is_fp32_cast(node) -> bool:
     return node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
 
 
-def _op_of(consumers, name: str) -> str | None:
-    """The op type of the one consumer of `name`, else None."""
-    users = consumers.get(name, [])
-    return users[0].op_type if len(users) == 1 else None
-
-
 def _fp32_casts(consumers, name: str) -> tuple[str, list]:
     """(the tensor after any Cast(to FLOAT) chain that is `name`'s only consumer, those casts). The cache is fp32,
     so these casts change nothing."""
@@ -570,6 +558,15 @@ def _fp32_casts(consumers, name: str) -> tuple[str, list]:
             return name, casts
         casts.append(users[0])
         name = users[0].output[0]
+
+
+def _kv_operand(consumers, gathered: str, layer: str, producers) -> tuple[str, list]:
+    """(the keys / values the attention reads, the nodes on the way): the gathered cache, through fp32 casts (models
+    that upcast attention, e.g. gptj: the cache is fp32, so they change nothing), repeat_kv, and fp32 casts again."""
+    name, before = _fp32_casts(consumers, gathered)
+    name, repeat = _repeat_kv(consumers, name, layer, producers)
+    name, after = _fp32_casts(consumers, name)
+    return name, [*before, *repeat, *after]
 
 
 def _repeat_kv(consumers, gathered: str, layer: str, producers) -> tuple[str, list]:
@@ -729,7 +726,7 @@ def plan_ort_graph(onnx_path: Path, folder: Path, specializations: list[dict[str
         if retry.graph == "gqa":
             retry = verify(retry, onnx_path, folder, ctx_len, prefill, threads)
             if retry.graph == "gqa":
-                retry.why += f" (rotary kept outside: inside the op, {plan.why.split(': ', 1)[-1]})"
+                retry.why += f" (rotary kept outside: inside the op, {kept_reason(plan.why)})"
                 return retry
     return plan
 
@@ -739,7 +736,13 @@ def ort_graph_summary(plan: dict) -> str:
     if plan.get("graph") == "gqa":
         return (f"runs its GroupQueryAttention graph ({plan['layers']} layers, {plan['nodes_before']} -> "
                 f"{plan['nodes_after']} nodes; max |logit diff| vs the exported graph {plan['max_logit_diff']:.1e})")
-    return f"runs the exported graph ({plan.get('why', '').split(': ', 1)[-1]})"
+    return f"runs the exported graph ({kept_reason(plan.get('why', ''))})"
+
+
+def kept_reason(why: str) -> str:
+    """A plan's reason for keeping the exported graph without its "exported graph kept: " lead (this module's plans
+    and compile.ort_encoder's are worded the same way)."""
+    return why.split(": ", 1)[-1]
 
 
 def graph_choice_key() -> str:

@@ -159,18 +159,14 @@ class QEFFAutoModel(QEFFBaseModel):
             raise RuntimeError("Call compile(...) before embed(...): nothing is compiled yet.")
         if self._per_token:
             raise ValueError("embed() needs a pooling (rows differ in length); use generate() for per-token states.")
-        ids = self.tokenizer(texts, truncation=True, max_length=max(self.seq_lens))["input_ids"]
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        bs = self.compile_result.specializations[0]["batch_size"]
         pad = self.tokenizer.pad_token_id or 0
         out = None
-        for start in range(0, len(order), bs):
-            rows = order[start:start + bs]
-            width = max(len(ids[i]) for i in rows)
+        for rows, batch_ids in zip(*self._grouped(texts)):
+            width = max(map(len, batch_ids))
             batch = np.full((len(rows), width), pad, np.int64)
             mask = np.zeros((len(rows), width), np.int64)
-            for r, i in enumerate(rows):
-                batch[r, :len(ids[i])], mask[r, :len(ids[i])] = ids[i], 1
+            for r, x in enumerate(batch_ids):
+                batch[r, :len(x)], mask[r, :len(x)] = x, 1
             emb = self.generate({"input_ids": batch, "attention_mask": mask})[self._output_name()]
             if out is None:
                 out = np.zeros((len(texts), emb.shape[-1]), emb.dtype)
@@ -178,6 +174,19 @@ class QEFFAutoModel(QEFFBaseModel):
         if normalize:
             out = out / np.linalg.norm(out, axis=-1, keepdims=True).clip(min=1e-12)
         return out
+
+    def length_batches(self, texts: list[str]) -> list[list[list[int]]]:
+        """The token ids of `texts` as embed() runs them: truncated to the largest compiled seq_len, longest first,
+        in batches of the compiled batch size (a benchmark sizes its work from these)."""
+        return self._grouped(list(texts))[1]
+
+    def _grouped(self, texts: list[str]) -> tuple[list[np.ndarray], list[list[list[int]]]]:
+        """(the input indices of each batch, the token ids of each batch): embed()'s grouping by length."""
+        ids = self.tokenizer(texts, truncation=True, max_length=max(self.seq_lens))["input_ids"]
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        bs = self.compile_result.specializations[0]["batch_size"]
+        rows = [order[start:start + bs] for start in range(0, len(order), bs)]
+        return rows, [[ids[i] for i in r] for r in rows]
 
 
 def _pad_to(a: np.ndarray, n: int) -> np.ndarray:

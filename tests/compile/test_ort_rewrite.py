@@ -46,18 +46,7 @@ def test_tokens_equal_hf_greedy_and_the_report_says_which_graph_ran(family, over
 
 def test_where_the_rewrite_does_not_apply_the_exported_graph_runs_and_says_why():
     """mpt adds an ALiBi bias through its mask (GQA takes none): the exported graph runs, HF-greedy tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qeff_lab.accuracy.runners import hf_greedy as plain_greedy
-    from qeff_lab.commands import support_matrix as sm
-
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(sm.tiny_config("mpt"), attn_implementation="eager").float().eval()
-    prompt_ids = sm.prompt_ids()
-    reference = plain_greedy(hf, prompt_ids, NEW)
-    model = QEFFAutoModelForCausalLM.from_model(hf, "tiny-mpt-ort")
-    model.compile(prefill_seq_len=8, ctx_len=48, batch_size=2)
+    model, prompt_ids, reference = _matrix_model("mpt")
     report = model.compile_result.ort_graph
     assert report["graph"] == "exported" and report["path"] is None
     assert report["why"].startswith("exported graph kept:") and "ALiBi" in report["why"]
@@ -349,8 +338,9 @@ OTHER_FORMS = [
 ]
 
 
-@pytest.mark.parametrize("model_type,scale,rebuilt", OTHER_FORMS)
-def test_other_attention_forms_run_the_gqa_graph(model_type, scale, rebuilt):
+def _matrix_model(model_type):
+    """The support matrix's tiny model of `model_type`, compiled as the matrix compiles it: (model, prompts, HF
+    plain-argmax tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -362,8 +352,14 @@ def test_other_attention_forms_run_the_gqa_graph(model_type, scale, rebuilt):
     sm.randomize_zero_matrices(hf, 0.02)
     prompt_ids = sm.prompt_ids()
     reference = plain_greedy(hf, prompt_ids, NEW)
-    model = QEFFAutoModelForCausalLM.from_model(hf, f"tiny-{model_type}-forms")
+    model = QEFFAutoModelForCausalLM.from_model(hf, f"tiny-{model_type}-matrix")
     model.compile(prefill_seq_len=8, ctx_len=48, batch_size=2)
+    return model, prompt_ids, reference
+
+
+@pytest.mark.parametrize("model_type,scale,rebuilt", OTHER_FORMS)
+def test_other_attention_forms_run_the_gqa_graph(model_type, scale, rebuilt):
+    model, prompt_ids, reference = _matrix_model(model_type)
     report = model.compile_result.ort_graph
     assert report["graph"] == "gqa", report["why"]
     assert report["max_logit_diff"] < 1e-4

@@ -8,6 +8,9 @@ SmolLM2-135M's attention shape (9 query heads, 3 KV heads, head_dim 64, 30 layer
   heads of each KV head folded into the rows ([kv_heads, 3 * S, D] x [kv_heads, D, S]), no rotation, no cache
   write. Its time is what the attention arithmetic costs on this CPU; the gap to GQA is what a prefill-specific
   attention could save (benchmarks/bench_causal_lm.py prints the whole prefill against its MatMuls alone).
+Each layer's query is the previous layer's output, as in a model: 30 copies of one node on the same inputs would be
+merged into one by ONNX Runtime's common-subexpression elimination (an earlier version of this file timed that,
+one layer's work, and reported plain ops 6-7x faster than GQA).
 Each figure is measured until two consecutive medians agree within 5% (benchmarks/_machine.py).
 Run: .venv/bin/python benchmarks/bench_prefill_attention.py [--tokens 128] [--threads N]
 """
@@ -57,7 +60,8 @@ def gqa_runner(tokens: int, threads: int):
                    helper.make_tensor_value_info(f"pv{layer}", f, [1, KV, CTX + 1, D])]
         outs = [f"o{layer}", f"pk{layer}_out", f"pv{layer}_out"]
         outputs += [helper.make_tensor_value_info(o, f, None) for o in outs]
-        nodes.append(helper.make_node("GroupQueryAttention", ["q", "k", "v", f"pk{layer}", f"pv{layer}", "seqlens_k",
+        query = "q" if layer == 0 else f"o{layer - 1}"  # chained: no two layers are the same computation
+        nodes.append(helper.make_node("GroupQueryAttention", [query, "k", "v", f"pk{layer}", f"pv{layer}", "seqlens_k",
                                                               "total", "cos", "sin"], outs, domain="com.microsoft",
                                       num_heads=H, kv_num_heads=KV, do_rotary=1, scale=D ** -0.5))
     sess = _session(nodes, inputs, outputs, inits, threads, [("", 17), ("com.microsoft", 1)])
@@ -92,7 +96,8 @@ def plain_runner(tokens: int, threads: int):
               helper.make_tensor_value_info("v", f, [KV, tokens, D]), helper.make_tensor_value_info("mask", f, [rows, tokens])]
     nodes, outputs = [], []
     for layer in range(LAYERS):
-        nodes += [helper.make_node("MatMul", ["q", "kt"], [f"s{layer}"]),
+        query = "q" if layer == 0 else f"o{layer - 1}"  # chained: no two layers are the same computation
+        nodes += [helper.make_node("MatMul", [query, "kt"], [f"s{layer}"]),
                   helper.make_node("Mul", [f"s{layer}", "scale"], [f"ss{layer}"]),
                   helper.make_node("Add", [f"ss{layer}", "mask"], [f"sm{layer}"]),
                   helper.make_node("Softmax", [f"sm{layer}"], [f"p{layer}"], axis=-1),

@@ -795,12 +795,16 @@ def verify(plan: OrtGraphPlan, onnx_path: Path, folder: Path, ctx_len: int, pref
 def session_options(threads: int | None = None, weights_dir: Path | None = None):
     """The embedded backend's ONNX Runtime options, one place for every session it opens (this module's check and
     runtime.session): threads, quiet logs, optimisation left at ORT's default (ORT_ENABLE_ALL), and the folder of
-    the weights when the graph lives elsewhere."""
+    the weights when the graph lives elsewhere. QEFF_LAB_ORT_PROFILE=<file prefix> turns on ONNX Runtime's
+    profiler (each session writes <prefix>_<date>.json at session.end_profiling(); benchmarks/profile_ops.py)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or int(os.environ.get("QEFF_LAB_THREADS", "0")) or (os.cpu_count() or 1)
     opts.log_severity_level = 3
+    if os.environ.get("QEFF_LAB_ORT_PROFILE"):
+        opts.enable_profiling = True
+        opts.profile_file_prefix = os.environ["QEFF_LAB_ORT_PROFILE"]
     if weights_dir is not None:
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
     return opts

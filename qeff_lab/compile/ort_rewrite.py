@@ -34,9 +34,11 @@ from the first projection downstream; `verify` catches a wrong one):
   rewritten only when it is exactly causal (GQA's own masking) or a causal sliding window of W slots (GQA's
   `local_window_size` W, the query's own slot included) over the compiled ctx_len; masked entries must be
   <= MASK_VALUE (exp underflows to 0 as in GQA). Anything else is refused with the reason: chunked or bidirectional
-  masks, an additive bias in the mask (ALiBi), a mask that reads more than the positions. Attention sinks,
-  ALiBi added to the scores, other soft-capping forms or score scaling change the score chain itself and are
-  refused by the matcher. `verify` then runs a check sequence that reaches past the largest window (or keeps the
+  masks, an additive bias in the mask (ALiBi), a mask that reads more than the positions. Attention sinks as a
+  learned per-head logit concatenated to the masked scores and sliced off after the softmax (gpt_oss, flint,
+  mimo_v2_flash), or applied as the context scaled by sigmoid(logsumexp(scores) - sinks) (granite_swa), the same
+  value (`_sink_block`), become GQA's `head_sink` input. ALiBi added to the scores, other soft-capping forms or
+  score scaling change the score chain itself and are refused by the matcher. `verify` then runs a check sequence that reaches past the largest window (or keeps the
   exported graph when the window acts only at positions it cannot reach within ctx_len).
   Its rotary form is `_match_rope`'s with two Clips on position_ids and rotate_half's split traced from the
   shape (x.shape[-1] // 2), so the rotation moves into the op there too.
@@ -59,8 +61,9 @@ from onnx import TensorProto, helper, numpy_helper
 from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, MASK_VALUE, POSITION_IDS, RETAINED_SUFFIX
 
 # part of the compile key: a change here makes a new compile folder (2: continuous batching, rotary inside the op;
-# 3: the generic path's attention; 4: Div-scaled or unscaled scores, fp32 casts, a context rebuilt for what follows)
-REWRITE_VERSION = "gqa-4"
+# 3: the generic path's attention; 4: Div-scaled or unscaled scores, fp32 casts, a context rebuilt for what follows;
+# 5: attention sinks as head_sink)
+REWRITE_VERSION = "gqa-5"
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
@@ -229,26 +232,35 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             window = mask_windows[mask]
             chain += [*capped, add]
             probs = add.output[0]
-        nxt = _only_consumer(consumers, probs, "Softmax")
-        while True:
-            chain.append(nxt)
-            users = consumers.get(nxt.output[0], [])
-            if len(users) != 1:
-                raise RewriteNotApplicable(f"layer {layer}: attention probabilities have {len(users)} users")
-            nxt = users[0]
-            if nxt.op_type not in ("Cast", "Identity", "Dropout"):  # Dropout: eval mode, one output read
-                break
+        sink, post = None, None  # attention sinks: the per-head extra logit (GQA's head_sink); a context scaling
+        if [u.op_type for u in consumers.get(probs, []) if u.op_type != "Shape"] == ["Softmax"]:
+            nxt = _only_consumer(consumers, probs, "Softmax", ignore=("Shape",))
+            while True:
+                chain.append(nxt)
+                users = consumers.get(nxt.output[0], [])
+                if len(users) != 1:
+                    raise RewriteNotApplicable(f"layer {layer}: attention probabilities have {len(users)} users")
+                nxt = users[0]
+                if nxt.op_type not in ("Cast", "Identity", "Dropout"):  # Dropout: eval mode, one output read
+                    break
+        else:
+            sink, block, nxt, post = _sink_block(g, consumers, producers, probs, values, layer)
+            chain += block
         if nxt.op_type != "MatMul" or nxt.input[1] != values or [u.op_type for u in consumers[values]
                                                                      if u.op_type != "Shape"] != ["MatMul"]:
             raise RewriteNotApplicable(f"layer {layer}: probabilities do not multiply the gathered values")
         chain.append(nxt)
+        context = nxt.output[0]
+        if post is not None:  # the context scaled by the sinks' factor: that scaled context is GQA's output
+            chain.append(post)
+            context = post.output[0]
         # the context [B, H, S, D] -> reshapes/transposes -> the output projection MatMul (an initializer weight
         # [H*D, out], or Transpose of one [out, H*D] as the streamed export writes it)
         # `sized`: the context is rebuilt under its own name and everything after it stays as exported, when a
         # Shape reads it on its way to the projection (gpt2's merge_heads), or when something else comes first (a
         # gate, gated attention; a norm, bitnet): the projection's input size then comes from the first one
         # downstream
-        out, sized, o_proj = nxt.output[0], False, None
+        out, sized, o_proj = context, False, None
         while True:
             sized = sized or any(u.op_type == "Shape" for u in consumers.get(out, []))
             users = [u for u in consumers.get(out, []) if u.op_type != "Shape"]
@@ -286,9 +298,17 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         q_bsh, q_nodes = to_bsh(q, f"{tag}/q")
         k_bsh, k_nodes = to_bsh(k, f"{tag}/k")
         v_bsh, v_nodes = to_bsh(scatters[past_value].input[-1], f"{tag}/v")
+        extra = list(caches)  # optional inputs: cos_cache, sin_cache, (position_ids, attention_bias,) head_sink
+        sink_nodes = []
+        if sink is not None:
+            if _elements(g, sink) != hidden // head_dim:
+                raise RewriteNotApplicable(f"layer {layer}: its attention sinks ({sink}) are not one per query head")
+            sink_nodes = [_constant(f"{tag}/flat", np.array([-1], np.int64)),
+                          helper.make_node("Reshape", [sink, f"{tag}/flat"], [f"{tag}/head_sink"], name=f"{tag}/head_sink")]
+            extra = [*(caches or ["", ""]), "", "", f"{tag}/head_sink"]
         gqa = helper.make_node(
             "GroupQueryAttention",
-            [q_bsh, k_bsh, v_bsh, past_key, past_value, SEQLENS_K, "gqa/total_sequence_length", *caches],
+            [q_bsh, k_bsh, v_bsh, past_key, past_value, SEQLENS_K, "gqa/total_sequence_length", *extra],
             [f"{tag}/out", past_key + RETAINED_SUFFIX, past_value + RETAINED_SUFFIX],
             name=f"{tag}/GroupQueryAttention", domain=MS_DOMAIN,
             num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)),
@@ -297,7 +317,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         if sized:  # GQA's [B, S, H*D] output goes back to [B, H, S, D] under the context's name
             o_nodes = [_constant(f"{tag}/bshd", np.array([0, 0, hidden // head_dim, head_dim], np.int64)),
                        helper.make_node("Reshape", [f"{tag}/out", f"{tag}/bshd"], [f"{tag}/out4d"], name=f"{tag}/out4d"),
-                       helper.make_node("Transpose", [f"{tag}/out4d"], [nxt.output[0]], perm=[0, 2, 1, 3],
+                       helper.make_node("Transpose", [f"{tag}/out4d"], [context], perm=[0, 2, 1, 3],
                                         name=f"{tag}/context")]
         else:  # the projection reads GQA's output directly (a Gemm: flattened to [B*S, hidden])
             if o_proj.op_type == "Gemm":
@@ -305,7 +325,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
                            helper.make_node("Reshape", [f"{tag}/out", f"{tag}/rows_hidden"], [f"{tag}/out2d"],
                                             name=f"{tag}/out2d")]
             o_proj.input[0] = o_nodes[-1].output[0] if o_nodes else f"{tag}/out"
-        new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, gqa, *o_nodes]))
+        new_nodes.append((scores, [*q_nodes, *k_nodes, *v_nodes, *sink_nodes, gqa, *o_nodes]))
         drop.update(id(n) for n in (*chain, *scatters.values(), *gathers.values()))
 
     first = [_constant("gqa/shape_bs_1", np.array([0, 0, -1], np.int64)),
@@ -605,6 +625,75 @@ def _softcap(graph, consumers, producers, scores: str, layer: str) -> tuple[floa
 
 
 MASK_ROWS = 256  # query positions per ONNX Runtime call when the generic path's mask is evaluated
+
+
+SINK_BLOCK_OPS = ("Concat", "ReduceMax", "ReduceLogSumExp", "Sub", "Sigmoid", "Unsqueeze", "Softmax", "Slice", "Cast",
+                  "Identity", "Dropout")
+SINK_SOURCE_OPS = ("Reshape", "Expand", "Cast", "Unsqueeze", "Squeeze", "Identity")
+
+
+def _sink_block(graph, consumers, producers, scores: str, values: str, layer: str):
+    """Attention sinks, what GQA's `head_sink` input computes (softmax with one more per-head logit in the
+    denominator), in either form the models write:
+    - the masked scores concatenated with the sinks along the key axis, [max-subtracted,] softmaxed, the sink column
+      sliced off (gpt_oss, flint, mimo_v2_flash);
+    - the context scaled by sigmoid(logsumexp(scores) - sinks) (granite_swa), the same value;
+    or the max subtracted before the softmax and no sink (None). Returns (the sinks tensor or None, the block's
+    nodes, the MatMul of the probabilities with the values, the Mul scaling its output or None). Only the block's
+    form is read here; `verify` proves the rewritten graph computes what the exported one does."""
+    pv = [u for u in consumers.get(values, []) if u.op_type == "MatMul" and u.input[1] == values]
+    if len(pv) != 1:
+        raise RewriteNotApplicable(f"layer {layer}: the values are not the right operand of one MatMul")
+    block, frontier, seen, post = [], [scores], set(), None
+    while frontier:  # every node between the masked scores and that MatMul (Shape readers left to die)
+        for user in consumers.get(frontier.pop(), []):
+            if id(user) in seen or user is pv[0] or user.op_type == "Shape":
+                continue
+            seen.add(id(user))
+            if user.op_type == "Mul" and pv[0].output[0] in user.input:  # the context's scaling: not walked past
+                post = user
+                continue
+            if user.op_type not in SINK_BLOCK_OPS:
+                raise RewriteNotApplicable(f"layer {layer}: the masked scores go through {user.op_type} before the "
+                                           "softmax (not a form GroupQueryAttention expresses)")
+            block.append(user)
+            frontier.extend(user.output)
+    concats = [n for n in block if n.op_type == "Concat"]
+    produced = {o for n in block for o in n.output}
+    if (len(concats) > 1 or [n.op_type for n in block].count("Softmax") != 1 or pv[0].input[0] not in produced
+            or (concats and _axis(concats[0]) not in (-1, 3))):
+        raise RewriteNotApplicable(f"layer {layer}: the masked scores feed {sorted({n.op_type for n in block})}, not "
+                                   "one Softmax (nor scores concatenated with a per-head sink logit)")
+    lse = [n for n in block if n.op_type == "ReduceLogSumExp"]
+    if lse:  # sigmoid(lse - sinks) scales the context
+        subs = [n for n in block if n.op_type == "Sub" and n.input[0] == lse[0].output[0]]
+        if concats or len(lse) != 1 or len(subs) != 1 or post is None:
+            raise RewriteNotApplicable(f"layer {layer}: a log-sum-exp of the scores used other than as "
+                                       "sigmoid(lse - sinks) scaling the context")
+        outside = [subs[0].input[1]]
+    elif post is not None or not concats:
+        if post is not None or {n.op_type for n in block} - {"ReduceMax", "Sub", "Softmax", "Cast", "Identity",
+                                                              "Dropout"}:
+            raise RewriteNotApplicable(f"layer {layer}: the masked scores feed {sorted({n.op_type for n in block})} "
+                                       "before the softmax (not a form GroupQueryAttention expresses)")
+        return None, block, pv[0], None  # the max subtracted before the softmax only (mimo_v2_flash without sinks)
+    else:
+        outside = [i for i in concats[0].input if i not in produced and i != scores]
+    sink = outside[0] if len(outside) == 1 else None
+    while sink in producers and producers[sink].op_type in SINK_SOURCE_OPS:
+        sink = producers[sink].input[0]
+    if sink is None or _elements(graph, sink) is None:
+        raise RewriteNotApplicable(f"layer {layer}: the scores meet something other than a constant per-head sink "
+                                   "logit")
+    return sink, block, pv[0], post
+
+
+def _elements(graph, name: str) -> int | None:
+    """The element count of a float initializer, else None."""
+    init = next((i for i in graph.initializer if i.name == name), None)
+    if init is None or init.data_type != TensorProto.FLOAT:
+        return None
+    return int(np.prod(init.dims))
 
 
 def _mask_window(model: onnx.ModelProto, mask: str, ctx_len: int | None, weights_dir: Path | None,

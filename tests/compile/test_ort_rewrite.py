@@ -370,3 +370,31 @@ def test_other_attention_forms_run_the_gqa_graph(model_type, scale, rebuilt):
     assert scales == pytest.approx([scale, scale])
     assert any(n.name.endswith("/context") for n in graph.node) == rebuilt
     assert model.generate_from_ids(prompt_ids, NEW).ids == reference
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "flint", "mimo_v2_flash", "granite_swa"])
+def test_attention_sinks_become_gqa_head_sink(model_type):
+    """Scores concatenated with a learned per-head logit, softmaxed, the sink column dropped (gpt_oss and
+    mimo_v2_flash with max-subtraction, mimo's other layers without sinks; flint without), or the context scaled by
+    sigmoid(logsumexp(scores) - sinks) (granite_swa): GQA's head_sink input, fed from each layer's own sinks."""
+    model, prompt_ids, reference = _matrix_model(model_type)
+    report = model.compile_result.ort_graph
+    assert report["graph"] == "gqa", report["why"]
+    assert report["max_logit_diff"] < 1e-4
+    graph = onnx.load(str(model.compile_result.folder / report["path"]), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == report["layers"] == 2
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    expected = [m.sinks.detach().numpy() for m in model.model.modules() if getattr(m, "sinks", None) is not None]
+    fed = []  # the values each layer's head_sink reads (the exporter names the reshaped sinks as it likes)
+    for node in gqa:
+        if len(node.input) == 12 and node.input[11]:
+            reshape = producers[node.input[11]]
+            assert reshape.op_type == "Reshape" and reshape.input[0] in inits
+            fed.append(onnx.numpy_helper.to_array(inits[reshape.input[0]]).reshape(-1))
+    assert expected and len(fed) == len(expected)  # mimo_v2_flash: its sliding-window layers only
+    for got, want in zip(fed, expected):
+        np.testing.assert_array_equal(got, want)
+    assert not any(n.op_type == "Softmax" and "attn" in n.name for n in graph.node)  # the sink block is gone
+    assert model.generate_from_ids(prompt_ids, NEW).ids == reference

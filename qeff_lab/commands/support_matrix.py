@@ -50,7 +50,7 @@ SIZES: dict[str, int] = {
                      "intra_bottleneck_size"), HIDDEN),
     **dict.fromkeys(LAYER_COUNT_KEYS, LAYERS),
     **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "attention_heads",
-                     "swa_num_attention_heads"), HEADS),
+                     "swa_num_attention_heads", "decoder_attention_heads"), HEADS),
     **dict.fromkeys(("num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
                      "num_query_groups", "swa_num_key_value_heads", "kv_n_heads"), KV_HEADS),
     **dict.fromkeys(("head_dim", "attention_head_dim", "swa_head_dim", "d_head", "dim_head", "kv_channels",

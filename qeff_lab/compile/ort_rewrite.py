@@ -62,8 +62,8 @@ from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, MASK_VALUE, POSITION_IDS,
 
 # part of the compile key: a change here makes a new compile folder (2: continuous batching, rotary inside the op;
 # 3: the generic path's attention; 4: Div-scaled or unscaled scores, fp32 casts, a context rebuilt for what follows;
-# 5: attention sinks as head_sink)
-REWRITE_VERSION = "gqa-5"
+# 5: attention sinks as head_sink; 6: batch x heads merged for bmm, clamped scores, head_dim a multiple of 8)
+REWRITE_VERSION = "gqa-6"
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
@@ -199,16 +199,23 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             raise RewriteNotApplicable(f"layer {layer}: keys are not the right operand of the score MatMul")
         # the scale: Mul(scores, s), Div(scores, d) (falcon, openai-gpt divide by sqrt(head_dim)): s = 1 / d, or
         # none at all (gpt_neo): s = 1
+        if _perm(k_t) not in ([0, 1, 3, 2], [0, 2, 1]):
+            raise RewriteNotApplicable(f"layer {layer}: the keys are transposed by {_perm(k_t)}, not their last two axes")
         chain = [*k_nodes, *v_nodes, k_t, scores]
-        scaled, scale = scores.output[0], 1.0
-        users = consumers.get(scores.output[0], [])
+        merged = any(n.op_type == "Reshape" for n in k_nodes[-1:])  # batch x heads merged: [B * H, S, ctx] scores
+        scaled, reshaped = _reshapes_and_clamps(g, consumers, producers, scores.output[0])
+        chain += reshaped
+        scale = 1.0
+        users = consumers.get(scaled, [])
         if len(users) == 1 and users[0].op_type in ("Mul", "Div"):
             mul = users[0]
-            factor = _scalar(g, mul.input[1], producers) if mul.input[0] == scores.output[0] else None
+            factor = _scalar(g, mul.input[1], producers) if mul.input[0] == scaled else None
             if factor is None or (mul.op_type == "Div" and factor == 0):
                 raise RewriteNotApplicable(f"layer {layer}: the score scale is not a scalar constant")
             scaled, scale = mul.output[0], factor if mul.op_type == "Mul" else 1.0 / factor
             chain.append(mul)
+        scaled, reshaped = _reshapes_and_clamps(g, consumers, producers, scaled)  # to [B, H, S, ctx] for the mask
+        chain += reshaped
         users = consumers.get(scaled, [])
         window, softcap = None, 0.0
         if len(users) == 1 and users[0].op_type == "Where":  # the family blocks (kv_cache.cached_attention)
@@ -231,7 +238,8 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
                 mask_windows[mask] = _mask_window(model, mask, ctx_len, weights_dir, layer)
             window = mask_windows[mask]
             chain += [*capped, add]
-            probs = add.output[0]
+            probs, reshaped = _reshapes_and_clamps(g, consumers, producers, add.output[0])
+            chain += reshaped
         sink, post = None, None  # attention sinks: the per-head extra logit (GQA's head_sink); a context scaling
         if [u.op_type for u in consumers.get(probs, []) if u.op_type != "Shape"] == ["Softmax"]:
             nxt = _only_consumer(consumers, probs, "Softmax", ignore=("Shape",))
@@ -241,7 +249,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
                 if len(users) != 1:
                     raise RewriteNotApplicable(f"layer {layer}: attention probabilities have {len(users)} users")
                 nxt = users[0]
-                if nxt.op_type not in ("Cast", "Identity", "Dropout"):  # Dropout: eval mode, one output read
+                if nxt.op_type not in ("Cast", "Identity", "Dropout", "Reshape"):  # Dropout: eval mode, one output
                     break
         else:
             sink, block, nxt, post = _sink_block(g, consumers, producers, probs, values, layer)
@@ -285,6 +293,9 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         hidden = o_rows
         if not isinstance(head_dim, int) or not isinstance(kv_heads, int) or hidden % head_dim:
             raise RewriteNotApplicable(f"layer {layer}: head sizes are not static ({kv_heads}, {head_dim}, {hidden})")
+        if head_dim % 8:
+            raise RewriteNotApplicable(f"layer {layer}: head_dim {head_dim} is not a multiple of 8, which ONNX "
+                                       "Runtime's GroupQueryAttention kernel requires")
         tag = f"gqa/{layer}"
         k = scatters[past_key].input[-1]  # the updates: the last input of both scatter kinds
         q_rope, k_rope = (_match_rope(q, with_constants), _match_rope(k, with_constants)) if rotary else (None, None)
@@ -314,6 +325,8 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)),
             **({"local_window_size": window} if window else {}), **({"softcap": softcap} if softcap else {}))
         o_nodes = []
+        if sized and merged:
+            raise RewriteNotApplicable(f"layer {layer}: a context of merged batch x heads read before its projection")
         if sized:  # GQA's [B, S, H*D] output goes back to [B, H, S, D] under the context's name
             o_nodes = [_constant(f"{tag}/bshd", np.array([0, 0, hidden // head_dim, head_dim], np.int64)),
                        helper.make_node("Reshape", [f"{tag}/out", f"{tag}/bshd"], [f"{tag}/out4d"], name=f"{tag}/out4d"),
@@ -564,6 +577,24 @@ def _rope_caches(graph, tables: tuple[str, str], head_dim, ctx_len: int | None, 
 
 
 # ----------------------------------------------------------------------------- the generic path's attention
+def _reshapes_and_clamps(graph, consumers, producers, name: str) -> tuple[str, list]:
+    """(the tensor after the Reshapes and Max(x, c <= MASK_VALUE) clamps that are `name`'s only consumers, those
+    nodes): scores moved between [B * H, S, ctx] and [B, H, S, ctx] (xglm, trocr) and clamped at the dtype's
+    minimum (which only lifts -inf; masked entries still get probability 0) are the same scores to GQA."""
+    nodes = []
+    while True:
+        users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]
+        if len(users) != 1 or users[0].input[0] != name:
+            return name, nodes
+        user = users[0]
+        clamp = (user.op_type == "Max" and len(user.input) == 2
+                 and (_scalar(graph, user.input[1], producers) or 0.0) <= MASK_VALUE)
+        if user.op_type != "Reshape" and not clamp:
+            return name, nodes
+        nodes.append(user)
+        name = user.output[0]
+
+
 def _is_fp32_cast(node) -> bool:
     return node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
 
@@ -582,10 +613,14 @@ def _fp32_casts(consumers, name: str) -> tuple[str, list]:
 
 def _kv_operand(consumers, gathered: str, layer: str, producers) -> tuple[str, list]:
     """(the keys / values the attention reads, the nodes on the way): the gathered cache, through fp32 casts (models
-    that upcast attention, e.g. gptj: the cache is fp32, so they change nothing), repeat_kv, and fp32 casts again."""
+    that upcast attention, e.g. gptj: the cache is fp32, so they change nothing), repeat_kv, fp32 casts again, and
+    a Reshape that merges batch and heads ([B * H, ctx, D], models written with torch.bmm)."""
     name, before = _fp32_casts(consumers, gathered)
     name, repeat = _repeat_kv(consumers, name, layer, producers)
     name, after = _fp32_casts(consumers, name)
+    users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]
+    if len(users) == 1 and users[0].op_type == "Reshape":  # batch and heads merged for a 3-D bmm (xglm, trocr)
+        return users[0].output[0], [*before, *repeat, *after, users[0]]
     return name, [*before, *repeat, *after]
 
 

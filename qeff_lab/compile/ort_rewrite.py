@@ -191,8 +191,8 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         # scores = MatMul(q, Transpose(keys)) -> Mul(scale) -> the family's Where(mask) or the generic path's
         # [Div/Tanh/Mul soft-capping] -> Add(mask) -> Softmax -> Cast* -> MatMul(., values); keys / values are the
         # gathered context, or (generic path) its repeat_kv expansion to the query heads
-        keys, k_nodes = _kv_operand(consumers, gathers[past_key].output[0], layer, producers)
-        values, v_nodes = _kv_operand(consumers, gathers[past_value].output[0], layer, producers)
+        keys, k_nodes, merged = _kv_operand(consumers, gathers[past_key].output[0], layer, producers)
+        values, v_nodes, _ = _kv_operand(consumers, gathers[past_value].output[0], layer, producers)
         k_t = _only_consumer(consumers, keys, "Transpose", ignore=("Shape",))  # Shape: repeat_kv's sizes
         scores = _only_consumer(consumers, k_t.output[0], "MatMul")
         if scores.input[1] != k_t.output[0]:
@@ -202,7 +202,6 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         if _perm(k_t) not in ([0, 1, 3, 2], [0, 2, 1]):
             raise RewriteNotApplicable(f"layer {layer}: the keys are transposed by {_perm(k_t)}, not their last two axes")
         chain = [*k_nodes, *v_nodes, k_t, scores]
-        merged = any(n.op_type == "Reshape" for n in k_nodes[-1:])  # batch x heads merged: [B * H, S, ctx] scores
         scaled, reshaped = _reshapes_and_clamps(g, consumers, producers, scores.output[0])
         chain += reshaped
         scale = 1.0
@@ -611,17 +610,17 @@ def _fp32_casts(consumers, name: str) -> tuple[str, list]:
         name = users[0].output[0]
 
 
-def _kv_operand(consumers, gathered: str, layer: str, producers) -> tuple[str, list]:
+def _kv_operand(consumers, gathered: str, layer: str, producers) -> tuple[str, list, bool]:
     """(the keys / values the attention reads, the nodes on the way): the gathered cache, through fp32 casts (models
     that upcast attention, e.g. gptj: the cache is fp32, so they change nothing), repeat_kv, fp32 casts again, and
-    a Reshape that merges batch and heads ([B * H, ctx, D], models written with torch.bmm)."""
+    a Reshape that merges batch and heads ([B * H, ctx, D], models written with torch.bmm: the third value)."""
     name, before = _fp32_casts(consumers, gathered)
     name, repeat = _repeat_kv(consumers, name, layer, producers)
     name, after = _fp32_casts(consumers, name)
     users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]
     if len(users) == 1 and users[0].op_type == "Reshape":  # batch and heads merged for a 3-D bmm (xglm, trocr)
-        return users[0].output[0], [*before, *repeat, *after, users[0]]
-    return name, [*before, *repeat, *after]
+        return users[0].output[0], [*before, *repeat, *after, users[0]], True
+    return name, [*before, *repeat, *after], False
 
 
 def _repeat_kv(consumers, gathered: str, layer: str, producers) -> tuple[str, list]:

@@ -335,6 +335,7 @@ OTHER_FORMS = [
     ("gptj", 0.25, False),     # the gathered keys / values and the query cast to fp32
     ("gpt2", 0.25, True),      # Conv1D: Reshape -> Gemm with bias, the context's reshapes sized by Shape
     ("afmoe", 0.25, True),     # gated attention: context * sigmoid(gate) before the projection
+    ("bitnet", 0.25, True),    # repeat_kv (2 query heads per KV head), a norm on the context before the projection
     ("xglm", 1.0, False),      # bmm on batch x heads merged, the query scaled before, scores clamped at fp32 min
 ]
 

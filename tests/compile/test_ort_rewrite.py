@@ -400,3 +400,25 @@ def test_attention_sinks_become_gqa_head_sink(model_type):
         np.testing.assert_array_equal(got, want)
     assert not any(n.op_type == "Softmax" and "attn" in n.name for n in graph.node)  # the sink block is gone
     assert model.generate_from_ids(prompt_ids, NEW).ids == reference
+
+
+def test_profile_env_turns_on_onnx_runtime_profiler(tmp_path, monkeypatch):
+    """QEFF_LAB_ORT_PROFILE=<prefix>: every embedded-backend session writes ONNX Runtime's per-kernel profile there
+    (benchmarks/profile_ops.py reads it); unset, no profiling."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    monkeypatch.delenv("QEFF_LAB_ORT_PROFILE", raising=False)
+    assert not ort_rewrite.session_options(1).enable_profiling
+    monkeypatch.setenv("QEFF_LAB_ORT_PROFILE", str(tmp_path / "prof"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), ort_rewrite.session_options(1),
+                                   providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones(2, np.float32)})
+    profile = session.end_profiling()
+    assert profile.startswith(str(tmp_path / "prof"))
+    events = json.loads(open(profile).read())
+    assert any(e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "Add" for e in events)

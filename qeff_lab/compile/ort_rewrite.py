@@ -37,9 +37,11 @@ from the first projection downstream; `verify` catches a wrong one):
   masks, an additive bias in the mask (ALiBi), a mask that reads more than the positions. Attention sinks as a
   learned per-head logit concatenated to the masked scores and sliced off after the softmax (gpt_oss, flint,
   mimo_v2_flash), or applied as the context scaled by sigmoid(logsumexp(scores) - sinks) (granite_swa), the same
-  value (`_sink_block`), become GQA's `head_sink` input. ALiBi added to the scores, other soft-capping forms or
-  score scaling change the score chain itself and are refused by the matcher. `verify` then runs a check sequence that reaches past the largest window (or keeps the
-  exported graph when the window acts only at positions it cannot reach within ctx_len).
+  value (`_sink_block`), become GQA's `head_sink` input. Keys / values / scores reshaped to merge batch and heads
+  for a 3-D bmm and scores clamped at the dtype's minimum (xglm, trocr) are read through. ALiBi added to the
+  scores, other soft-capping forms or score scaling change the score chain itself and are refused by the matcher.
+  `verify` then runs a check sequence that reaches past the largest window (or keeps the exported graph when the
+  window acts only at positions it cannot reach within ctx_len).
   Its rotary form is `_match_rope`'s with two Clips on position_ids and rotate_half's split traced from the
   shape (x.shape[-1] // 2), so the rotation moves into the op there too.
 
@@ -197,13 +199,13 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         scores = _only_consumer(consumers, k_t.output[0], "MatMul")
         if scores.input[1] != k_t.output[0]:
             raise RewriteNotApplicable(f"layer {layer}: keys are not the right operand of the score MatMul")
-        # the scale: Mul(scores, s), Div(scores, d) (falcon, openai-gpt divide by sqrt(head_dim)): s = 1 / d, or
-        # none at all (gpt_neo): s = 1
         if _perm(k_t) not in ([0, 1, 3, 2], [0, 2, 1]):
             raise RewriteNotApplicable(f"layer {layer}: the keys are transposed by {_perm(k_t)}, not their last two axes")
         chain = [*k_nodes, *v_nodes, k_t, scores]
         scaled, reshaped = _reshapes_and_clamps(g, consumers, producers, scores.output[0])
         chain += reshaped
+        # the scale: Mul(scores, s), Div(scores, d) (falcon, openai-gpt divide by sqrt(head_dim)): s = 1 / d, or
+        # none at all (gpt_neo; xglm scales the query instead): s = 1
         scale = 1.0
         users = consumers.get(scaled, [])
         if len(users) == 1 and users[0].op_type in ("Mul", "Div"):

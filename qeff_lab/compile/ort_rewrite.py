@@ -38,7 +38,8 @@ from the first projection downstream; `verify` catches a wrong one):
   learned per-head logit concatenated to the masked scores and sliced off after the softmax (gpt_oss, flint,
   mimo_v2_flash), or applied as the context scaled by sigmoid(logsumexp(scores) - sinks) (granite_swa), the same
   value (`_sink_block`), become GQA's `head_sink` input. Keys / values / scores reshaped to merge batch and heads
-  for a 3-D bmm and scores clamped at the dtype's minimum (xglm, trocr) are read through. ALiBi added to the
+  for a 3-D bmm, scores clamped at the dtype's minimum (xglm, trocr) and zeros added to them (baddbmm's
+  accumulator, gpt_neox_japanese) are read through. ALiBi added to the
   scores, other soft-capping forms or score scaling change the score chain itself and are refused by the matcher.
   `verify` then runs a check sequence that reaches past the largest window (or keeps the exported graph when the
   window acts only at positions it cannot reach within ctx_len).
@@ -64,8 +65,9 @@ from qeff_lab.contracts import BATCH_INDEX, INPUT_IDS, MASK_VALUE, POSITION_IDS,
 
 # part of the compile key: a change here makes a new compile folder (2: continuous batching, rotary inside the op;
 # 3: the generic path's attention; 4: Div-scaled or unscaled scores, fp32 casts, a context rebuilt for what follows;
-# 5: attention sinks as head_sink; 6: batch x heads merged for bmm, clamped scores, head_dim a multiple of 8)
-REWRITE_VERSION = "gqa-6"
+# 5: attention sinks as head_sink; 6: batch x heads merged for bmm, clamped scores, head_dim a multiple of 8;
+# 7: zeros added to the scores)
+REWRITE_VERSION = "gqa-7"
 ORT_GRAPH = "ort_model.onnx"  # the rewritten graph inside the compile folder
 SEQLENS_K = "seqlens_k"
 MS_DOMAIN = "com.microsoft"
@@ -193,8 +195,9 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         # scores = MatMul(q, Transpose(keys)) -> Mul(scale) -> the family's Where(mask) or the generic path's
         # [Div/Tanh/Mul soft-capping] -> Add(mask) -> Softmax -> Cast* -> MatMul(., values); keys / values are the
         # gathered context, or (generic path) its repeat_kv expansion to the query heads
-        keys, k_nodes, merged = _kv_operand(consumers, gathers[past_key].output[0], layer, producers)
-        values, v_nodes, _ = _kv_operand(consumers, gathers[past_value].output[0], layer, producers)
+        keys, k_nodes, _ = _kv_operand(consumers, gathers[past_key].output[0], layer, producers)
+        # merged: the values (hence the context) are [B * H, ..] for a 3-D bmm
+        values, v_nodes, merged = _kv_operand(consumers, gathers[past_value].output[0], layer, producers)
         k_t = _only_consumer(consumers, keys, "Transpose", ignore=("Shape",))  # Shape: repeat_kv's sizes
         scores = _only_consumer(consumers, k_t.output[0], "MatMul")
         if scores.input[1] != k_t.output[0]:
@@ -202,7 +205,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         if _perm(k_t) not in ([0, 1, 3, 2], [0, 2, 1]):
             raise RewriteNotApplicable(f"layer {layer}: the keys are transposed by {_perm(k_t)}, not their last two axes")
         chain = [*k_nodes, *v_nodes, k_t, scores]
-        scaled, reshaped = _reshapes_and_clamps(g, consumers, producers, scores.output[0])
+        scaled, reshaped = _score_no_ops(g, consumers, producers, scores.output[0])
         chain += reshaped
         # the scale: Mul(scores, s), Div(scores, d) (falcon, openai-gpt divide by sqrt(head_dim)): s = 1 / d, or
         # none at all (gpt_neo; xglm scales the query instead): s = 1
@@ -215,7 +218,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
                 raise RewriteNotApplicable(f"layer {layer}: the score scale is not a scalar constant")
             scaled, scale = mul.output[0], factor if mul.op_type == "Mul" else 1.0 / factor
             chain.append(mul)
-        scaled, reshaped = _reshapes_and_clamps(g, consumers, producers, scaled)  # to [B, H, S, ctx] for the mask
+        scaled, reshaped = _score_no_ops(g, consumers, producers, scaled)  # e.g. to [B, H, S, ctx] for the mask
         chain += reshaped
         users = consumers.get(scaled, [])
         window, softcap = None, 0.0
@@ -239,7 +242,7 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
                 mask_windows[mask] = _mask_window(model, mask, ctx_len, weights_dir, layer)
             window = mask_windows[mask]
             chain += [*capped, add]
-            probs, reshaped = _reshapes_and_clamps(g, consumers, producers, add.output[0])
+            probs, reshaped = _score_no_ops(g, consumers, producers, add.output[0])
             chain += reshaped
         sink, post = None, None  # attention sinks: the per-head extra logit (GQA's head_sink); a context scaling
         if [u.op_type for u in consumers.get(probs, []) if u.op_type != "Shape"] == ["Softmax"]:
@@ -578,22 +581,41 @@ def _rope_caches(graph, tables: tuple[str, str], head_dim, ctx_len: int | None, 
 
 
 # ----------------------------------------------------------------------------- the generic path's attention
-def _reshapes_and_clamps(graph, consumers, producers, name: str) -> tuple[str, list]:
-    """(the tensor after the Reshapes and Max(x, c <= MASK_VALUE) clamps that are `name`'s only consumers, those
-    nodes): scores moved between [B * H, S, ctx] and [B, H, S, ctx] (xglm, trocr) and clamped at the dtype's
-    minimum (which only lifts -inf; masked entries still get probability 0) are the same scores to GQA."""
+def _score_no_ops(graph, consumers, producers, name: str) -> tuple[str, list]:
+    """(the tensor after the ops on the scores that change no value GQA sees, those nodes), followed while each is
+    `name`'s only consumer: Reshapes between [B * H, S, ctx] and [B, H, S, ctx] (xglm, trocr), Max(x, c <= MASK_VALUE)
+    clamps at the dtype's minimum (they only lift -inf; masked entries still get probability 0) and the addition of
+    zeros (torch.baddbmm's beta * zeros accumulator, gpt_neox_japanese)."""
     nodes = []
     while True:
         users = [u for u in consumers.get(name, []) if u.op_type != "Shape"]
-        if len(users) != 1 or users[0].input[0] != name:
+        if len(users) != 1 or name not in users[0].input:
             return name, nodes
         user = users[0]
-        clamp = (user.op_type == "Max" and len(user.input) == 2
-                 and (_scalar(graph, user.input[1], producers) or 0.0) <= MASK_VALUE)
-        if user.op_type != "Reshape" and not clamp:
+        others = [i for i in user.input if i != name]
+        reshape = user.op_type == "Reshape" and user.input[0] == name
+        clamp = (user.op_type == "Max" and len(others) == 1 and user.input[0] == name
+                 and (_scalar(graph, others[0], producers) or 0.0) <= MASK_VALUE)
+        zeros = user.op_type == "Add" and len(others) == 1 and _zeros(others[0], producers)
+        if not (reshape or clamp or zeros):
             return name, nodes
         nodes.append(user)
         name = user.output[0]
+
+
+def _zeros(name: str, producers) -> bool:
+    """Whether `name` is all zeros by construction: ConstantOfShape with value 0, scaled, cast or reshaped."""
+    node = producers.get(name)
+    if node is None:
+        return False
+    if node.op_type == "Mul":
+        return any(_zeros(i, producers) for i in node.input)
+    if node.op_type in ("Cast", "Expand", "Reshape", "Identity"):
+        return _zeros(node.input[0], producers)
+    if node.op_type != "ConstantOfShape":
+        return False
+    value = next((a.t for a in node.attribute if a.name == "value"), None)
+    return value is None or not numpy_helper.to_array(value).any()  # no value attribute: zeros (the ONNX default)
 
 
 def _is_fp32_cast(node) -> bool:

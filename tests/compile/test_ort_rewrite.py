@@ -337,6 +337,7 @@ OTHER_FORMS = [
     ("afmoe", 0.25, True),     # gated attention: context * sigmoid(gate) before the projection
     ("bitnet", 0.25, True),    # repeat_kv (2 query heads per KV head), a norm on the context before the projection
     ("xglm", 1.0, False),      # bmm on batch x heads merged, the query scaled before, scores clamped at fp32 min
+    ("gpt_neox_japanese", 0.25, True),  # keys merged for baddbmm, whose beta * zeros term is added to the scores
 ]
 
 

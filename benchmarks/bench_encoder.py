@@ -25,6 +25,7 @@ from _machine import Machine, measure_until_stable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SEQ_LENS = [16, 24, 32, 48, 64, 96, 128]  # the device-style seq_len buckets each batch is padded to
 WORDS = ("the a model device compiler token cache layer network fast small large graph tensor value memory "
          "river mountain city music history science language people time day night water light energy "
          "question answer result number system design table report input output").split()
@@ -78,7 +79,7 @@ def main() -> None:
     texts = corpus(args.n)
     st = SentenceTransformer(str(resolve(MODEL).path), device="cpu")
     model = QEFFAutoModel.from_pretrained(MODEL, pooling="mean")
-    model.compile(seq_len=[16, 24, 32, 48, 64, 96, 128], batch_size=args.batch_size)
+    model.compile(seq_len=SEQ_LENS, batch_size=args.batch_size)
 
     ours = model.embed(texts)
     ref = st.encode(texts, batch_size=args.batch_size, convert_to_numpy=True)

@@ -38,10 +38,12 @@ def op_times(profile: str) -> tuple[Counter, Counter]:
     return micros, calls
 
 
-def decoder_runs(tokens: int, runs: int):
+def decoder_runs(tokens: int):
+    from bench_causal_lm import MODEL
+
     from qeff_lab import QEFFAutoModelForCausalLM
 
-    model = QEFFAutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    model = QEFFAutoModelForCausalLM.from_pretrained(MODEL)
     model.compile(prefill_seq_len=128, ctx_len=256, batch_size=1)
     runner = model.session()
     ids = np.random.default_rng(0).integers(100, 40000, (1, 128))
@@ -60,15 +62,14 @@ def decoder_runs(tokens: int, runs: int):
     return runner.session, step, what
 
 
-def encoder_runs(runs: int):
-    from bench_encoder import MODEL, corpus
+def encoder_runs():
+    from bench_encoder import MODEL, SEQ_LENS, corpus
 
     from qeff_lab import QEFFAutoModel
 
     model = QEFFAutoModel.from_pretrained(MODEL, pooling="mean")
-    model.compile(batch_size=32, seq_len=[16, 24, 32, 48, 64, 96, 128])
+    model.compile(batch_size=32, seq_len=SEQ_LENS)
     texts = corpus(256)
-    model.embed(texts[:32])
     graph = model.compile_result.ort_graph.get("graph", "exported")
     return model.session().session, lambda: model.embed(texts), f"all-MiniLM-L6-v2, {graph} graph, embed() of 256 sentences"
 
@@ -86,7 +87,7 @@ def main() -> None:
     machine = Machine.start(os.cpu_count() or 1)
     prefix = Path(tempfile.mkdtemp(prefix="qeff_lab_profile_")) / "ort"
     os.environ["QEFF_LAB_ORT_PROFILE"] = str(prefix)  # every session the model opens writes a profile
-    session, step, what = encoder_runs(args.runs) if args.encoder else decoder_runs(args.tokens, args.runs)
+    session, step, what = encoder_runs() if args.encoder else decoder_runs(args.tokens)
     step()  # warm-up, counted out below by its share of the profile
     walls = []
     for _ in range(args.runs):

@@ -245,8 +245,9 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             probs, reshaped = _score_no_ops(g, consumers, producers, add.output[0])
             chain += reshaped
         sink, post = None, None  # attention sinks: the per-head extra logit (GQA's head_sink); a context scaling
-        if [u.op_type for u in consumers.get(probs, []) if u.op_type != "Shape"] == ["Softmax"]:
-            nxt = _only_consumer(consumers, probs, "Softmax", ignore=("Shape",))
+        users = [u for u in consumers.get(probs, []) if u.op_type != "Shape"]
+        if [u.op_type for u in users] == ["Softmax"]:
+            nxt = users[0]
             while True:
                 chain.append(nxt)
                 users = consumers.get(nxt.output[0], [])
@@ -297,6 +298,8 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
         hidden = o_rows
         if not isinstance(head_dim, int) or not isinstance(kv_heads, int) or hidden % head_dim:
             raise RewriteNotApplicable(f"layer {layer}: head sizes are not static ({kv_heads}, {head_dim}, {hidden})")
+        if sized and merged:
+            raise RewriteNotApplicable(f"layer {layer}: a context of merged batch x heads read before its projection")
         if head_dim % 8:
             raise RewriteNotApplicable(f"layer {layer}: head_dim {head_dim} is not a multiple of 8, which ONNX "
                                        "Runtime's GroupQueryAttention kernel requires")
@@ -329,8 +332,6 @@ def rewrite_gqa(model: onnx.ModelProto, ctx_len: int | None = None, weights_dir:
             num_heads=hidden // head_dim, kv_num_heads=kv_heads, scale=scale, do_rotary=int(bool(caches)),
             **({"local_window_size": window} if window else {}), **({"softcap": softcap} if softcap else {}))
         o_nodes = []
-        if sized and merged:
-            raise RewriteNotApplicable(f"layer {layer}: a context of merged batch x heads read before its projection")
         if sized:  # GQA's [B, S, H*D] output goes back to [B, H, S, D] under the context's name
             o_nodes = [_constant(f"{tag}/bshd", np.array([0, 0, hidden // head_dim, head_dim], np.int64)),
                        helper.make_node("Reshape", [f"{tag}/out", f"{tag}/bshd"], [f"{tag}/out4d"], name=f"{tag}/out4d"),
